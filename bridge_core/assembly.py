@@ -1,0 +1,187 @@
+"""Build a bridge's component tree from an adapter spec and an HF model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from bridge_core.components.base import GeneralizedComponent
+from bridge_core.errors import BridgeError, SpecError, did_you_mean
+from bridge_core.hooks import HookPoint
+from bridge_core.naming import HookNames
+from bridge_core.registry import Registry
+from bridge_core.spec import AdapterSpec, ComponentSpec
+
+Built = GeneralizedComponent | nn.ModuleList
+
+
+class Assembler:
+    """Turns `spec.components` into bridge components attached to `model`'s modules."""
+
+    def __init__(self, spec: AdapterSpec, model: nn.Module, config: Any, registry: Registry):
+        self.spec = spec
+        self.model = model
+        self.config = config
+        self.registry = registry
+
+    def build(self) -> dict[str, Built]:
+        """The top-level components, by name; optional ones absent from the model are skipped."""
+        built: dict[str, Built] = {}
+        for key, component in self.spec.components.items():
+            entry = self._entry(component, self.model, key, f"components.{key}")
+            if entry is not None:
+                built[key] = entry
+        return built
+
+    def _entry(
+        self, spec: ComponentSpec, parent: nn.Module, name: str, where: str
+    ) -> Built | None:
+        module = self._resolve(spec, parent, where)
+        if module is None:
+            return None
+        cls = self._kind(spec, where)
+        if not cls.is_list_item:
+            return self._component(cls, spec, module, name, where)
+        if not isinstance(module, nn.ModuleList | nn.Sequential):
+            raise self._error(
+                where, f"kind {spec.kind!r} is a list of layers, but {spec.paths[0]!r} is a "
+                f"{type(module).__name__}, not a ModuleList"
+            )
+        return nn.ModuleList(
+            self._component(cls, spec, item, f"{name}.{i}", f"{where}[{i}]")
+            for i, item in enumerate(module)
+        )
+
+    def _component(
+        self,
+        cls: type[GeneralizedComponent],
+        spec: ComponentSpec,
+        module: nn.Module,
+        name: str,
+        where: str,
+    ) -> GeneralizedComponent:
+        self._check_options(cls, spec, module, where)
+        children: dict[str, nn.Module] = {}
+        for key, sub in spec.submodules.items():
+            child = self._entry(sub, module, f"{name}.{key}", f"{where}.submodules.{key}")
+            if child is not None:
+                children[key] = child
+        component = cls(name, config=self.config, submodules=children, options=spec.options)
+        try:
+            component.set_original_component(module)
+        except (KeyError, ValueError, AttributeError, TypeError) as exc:
+            raise self._error(where, str(exc).strip("'\"")) from exc
+        return component
+
+    def _resolve(self, spec: ComponentSpec, parent: nn.Module, where: str) -> nn.Module | None:
+        for path in spec.paths:
+            try:
+                return parent.get_submodule(path)
+            except AttributeError:
+                continue
+        if spec.optional:
+            return None
+        known = [n for n, _ in parent.named_modules() if n and n.count(".") < 3]
+        hint = did_you_mean(spec.paths[0], known)
+        raise self._error(
+            where, f"path {spec.path!r} does not exist in {type(parent).__name__}.{hint}"
+        )
+
+    def _kind(self, spec: ComponentSpec, where: str) -> type[GeneralizedComponent]:
+        try:
+            return self.registry.component_class(spec.kind)
+        except BridgeError as exc:
+            raise self._error(where, str(exc)) from exc
+
+    def _check_options(
+        self, cls: type[GeneralizedComponent], spec: ComponentSpec, module: nn.Module, where: str
+    ) -> None:
+        missing = [o for o in cls.required_options if o not in spec.options]
+        if missing:
+            raise self._error(
+                where, f"kind {spec.kind!r} needs the option(s) {missing} (got {spec.options})"
+            )
+        for option in cls.path_options:
+            path = spec.options.get(option)
+            if path is None:
+                continue
+            try:
+                module.get_submodule(path)
+            except AttributeError:
+                children = [n for n, _ in module.named_children()]
+                raise self._error(
+                    f"{where}.options.{option}",
+                    f"path {path!r} does not exist in {type(module).__name__}."
+                    f"{did_you_mean(path, children)} Its children: {children}",
+                ) from None
+
+    def _error(self, where: str, message: str) -> SpecError:
+        model = type(self.model).__name__
+        return SpecError(f"adapter spec {self.spec.name!r}, {where} (model {model}): {message}")
+
+
+def walk(components: dict[str, Built]) -> Iterator[GeneralizedComponent]:
+    """Every component, parents before their children, in spec order."""
+    for entry in components.values():
+        for component in entry if isinstance(entry, nn.ModuleList) else [entry]:
+            if isinstance(component, GeneralizedComponent):
+                yield from _walk_one(component)
+
+
+def _walk_one(component: GeneralizedComponent) -> Iterator[GeneralizedComponent]:
+    yield component
+    for child in component.components():
+        yield from _walk_one(child)
+
+
+def collect_names(components: dict[str, Built], spec: AdapterSpec) -> HookNames:
+    """Name every bound hook point (in forward order) and register the aliases."""
+    names = HookNames()
+    for entry in components.values():
+        for component in entry if isinstance(entry, nn.ModuleList) else [entry]:
+            if isinstance(component, GeneralizedComponent):
+                _name_points(component, names)
+    for component in walk(components):
+        for alias, target in component.hook_aliases.items():
+            full = f"{component.name}.{target}"
+            if full in names.points or full in names.aliases:
+                names.add_alias(f"{component.name}.{alias}", full)
+    for alias, target in spec.hook_aliases.items():
+        _add_spec_alias(names, alias, target, spec)
+    return names
+
+
+def _name_points(component: GeneralizedComponent, names: HookNames) -> None:
+    """hook_in, the internal hook points, the children's, then hook_out."""
+    own = ["hook_in", *component.internal_hooks]
+    for attr in own:
+        _add_point(names, component, attr)
+    for child in component.components():
+        _name_points(child, names)
+    _add_point(names, component, "hook_out")
+
+
+def _add_point(names: HookNames, component: GeneralizedComponent, attr: str) -> None:
+    point = getattr(component, attr)
+    if isinstance(point, HookPoint) and point._tap is not None:
+        point.name = f"{component.name}.{attr}"
+        names.points[point.name] = point
+
+
+def _add_spec_alias(names: HookNames, alias: str, target: str, spec: AdapterSpec) -> None:
+    if "{i}" not in alias:
+        try:
+            names.add_alias(alias, target)
+        except BridgeError as exc:
+            raise SpecError(f"adapter spec {spec.name!r}, hook_aliases.{alias}: {exc}") from exc
+        return
+    i = 0
+    while (t := target.replace("{i}", str(i))) in names.points or t in names.aliases:
+        names.add_alias(alias.replace("{i}", str(i)), t)
+        i += 1
+    if i == 0:
+        raise SpecError(
+            f"adapter spec {spec.name!r}, hook_aliases.{alias}: {target!r} matches no hook point"
+        )

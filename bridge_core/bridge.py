@@ -1,0 +1,369 @@
+"""TransformerBridge: an unchanged HF model with TransformerLens-style named hook points."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from bridge_core import tokens
+from bridge_core.assembly import Assembler, collect_names
+from bridge_core.cache import ActivationCache
+from bridge_core.components.base import GeneralizedComponent
+from bridge_core.config import TransformerBridgeConfig
+from bridge_core.errors import InputError, SpecError
+from bridge_core.hooks import HookFn, HookHandle, HookPoint
+from bridge_core.naming import HookNames, NamesFilter
+from bridge_core.registry import Registry, get_registry
+from bridge_core.spec import AdapterSpec
+
+HookSpec = tuple[str | Callable[[str], bool], HookFn]
+ReturnType = Literal["logits", "loss", "both", "raw"] | None
+AdapterArg = str | Path | AdapterSpec | None
+
+
+class TransformerBridge(nn.Module):
+    """An HF model wrapped with named hook points; its outputs are the HF model's.
+
+    Build one with `boot` (hub id or local path) or `wrap` (a model in memory).
+    Components are attributes as in TransformerLens (``bridge.blocks[3].attn``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: AdapterSpec,
+        cfg: TransformerBridgeConfig,
+        tokenizer: Any = None,
+        processor: Any = None,
+        registry: Registry | None = None,
+    ) -> None:
+        """Build the component tree of `adapter` over `model` (use `boot`/`wrap` instead)."""
+        super().__init__()
+        self.original_model = model
+        self.adapter = adapter
+        self.cfg = cfg
+        self._processor = processor
+        self._tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(processor)
+        self._text_loader: Callable[[], tuple[Any, Any]] | None = None
+        built = Assembler(adapter, model, cfg, registry or get_registry()).build()
+        for name in built:
+            if hasattr(TransformerBridge, name) or name in ("original_model", "adapter", "cfg"):
+                raise SpecError(f"adapter spec {adapter.name!r}: component name {name!r} is taken")
+        self._names: HookNames = collect_names(built, adapter)
+        for name, component in built.items():
+            self.add_module(name, component)
+
+    # -- construction --------------------------------------------------------------------
+
+    @classmethod
+    def boot(
+        cls,
+        model_name_or_path: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        adapter: AdapterArg = None,
+        **from_pretrained_kwargs: Any,
+    ) -> TransformerBridge:
+        """Load an HF model by hub id or local path and bridge it (see `loading.boot`)."""
+        from bridge_core.loading import boot
+
+        return boot(
+            cls, model_name_or_path, device=device, dtype=dtype, adapter=adapter,
+            **from_pretrained_kwargs,
+        )
+
+    @classmethod
+    def wrap(
+        cls,
+        model: nn.Module,
+        tokenizer: Any = None,
+        processor: Any = None,
+        adapter: AdapterArg = None,
+    ) -> TransformerBridge:
+        """Bridge an HF model already in memory; the adapter comes from its config by default."""
+        from bridge_core.loading import choose_adapter
+
+        registry = get_registry()
+        spec = choose_adapter(getattr(model, "config", None), adapter, registry, type(model).__name__)
+        cfg = spec.bridge_config(model.config, architecture=type(model).__name__, adapter=spec.name)
+        return cls(model, spec, cfg, tokenizer, processor, registry)
+
+    def set_text_loader(self, loader: Callable[[], tuple[Any, Any]]) -> None:
+        """Load (tokenizer, processor) with `loader` when first needed (used by `boot`)."""
+        self._text_loader = loader
+
+    def _load_text(self) -> None:
+        loader, self._text_loader = self._text_loader, None
+        if loader is not None:
+            tokenizer, processor = loader()
+            self._tokenizer = self._tokenizer or tokenizer
+            self._processor = self._processor or processor
+
+    @property
+    def tokenizer(self) -> Any:
+        """The HF tokenizer, or None."""
+        self._load_text()
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self._tokenizer = value
+
+    @property
+    def processor(self) -> Any:
+        """The HF processor of a multimodal model, or None."""
+        self._load_text()
+        return self._processor
+
+    @processor.setter
+    def processor(self, value: Any) -> None:
+        self._processor = value
+
+    # -- names and components ------------------------------------------------------------
+
+    @property
+    def hook_dict(self) -> dict[str, HookPoint]:
+        """Every hook point by canonical name, in forward order."""
+        return dict(self._names.points)
+
+    def hook_names(self) -> list[str]:
+        """Canonical hook names, then aliases."""
+        return self._names.all_names()
+
+    def hook_aliases(self) -> dict[str, str]:
+        """Alias -> canonical name."""
+        return dict(self._names.aliases)
+
+    def component(self, name: str) -> GeneralizedComponent:
+        """The component at a dotted bridge path (``"blocks.3.attn"``)."""
+        found = self.get_submodule(name)
+        if not isinstance(found, GeneralizedComponent):
+            raise KeyError(f"{name!r} is not a component of this bridge")
+        return found
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's first parameter."""
+        return next(self.original_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the model's first floating-point parameter."""
+        floats = (p for p in self.original_model.parameters() if p.is_floating_point())
+        return next(floats, torch.zeros(())).dtype
+
+    # -- forward -------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input: tokens.TextInput | torch.Tensor | None = None,
+        *args: Any,
+        return_type: ReturnType = "logits",
+        images: Any = None,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the HF model; any HF forward keyword passes through unchanged.
+
+        Args:
+            input: text (tokenized for you, with `images` through the processor) or
+                input ids; or None and `input_ids=` / `inputs_embeds=` / ... as keywords.
+            return_type: "logits", "loss" (next-token loss on the input when no labels
+                are given), "both" (logits, loss), "raw" (the HF ModelOutput) or None.
+
+        Returns:
+            What `return_type` asks for.
+        """
+        kwargs = self.prepare_inputs(input, images, prepend_bos, padding_side, **kwargs)
+        if return_type in ("loss", "both") and "labels" not in kwargs:
+            kwargs["labels"] = kwargs["input_ids"]
+        output = self.original_model(*args, **kwargs)
+        if return_type == "raw":
+            return output
+        if return_type is None:
+            return None
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        if return_type == "logits":
+            return logits
+        if return_type == "loss":
+            return output.loss
+        if return_type == "both":
+            return logits, output.loss
+        raise InputError(
+            f"return_type must be 'logits', 'loss', 'both', 'raw' or None (got {return_type!r})"
+        )
+
+    def prepare_inputs(
+        self,
+        input: tokens.TextInput | torch.Tensor | None,
+        images: Any = None,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """HF forward keywords for `input` (text, ids or None) plus `kwargs`."""
+        if input is None:
+            if images is not None:
+                raise InputError("images= needs text input (with its image tokens)")
+            return kwargs
+        if isinstance(input, torch.Tensor):
+            if "input_ids" in kwargs:
+                raise InputError("input ids given twice: positionally and as input_ids=")
+            return {"input_ids": input, **kwargs}
+        if not isinstance(input, str | list):
+            raise InputError(f"input must be text, a list of texts or ids (got {type(input)})")
+        if images is not None:
+            encoded = tokens.process(self.processor, input, images)
+        else:
+            encoded = tokens.tokenize(self.tokenizer, input, prepend_bos, padding_side)
+        return {**tokens.to_device(encoded, self.device, self.dtype), **kwargs}
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def add_hook(
+        self,
+        name: str | Callable[[str], bool],
+        hook: HookFn,
+        dir: Literal["fwd", "bwd"] = "fwd",
+        is_permanent: bool = False,
+        prepend: bool = False,
+    ) -> list[HookHandle]:
+        """Add `hook` to the hook point `name` (or every point a predicate selects)."""
+        selected = self._names.select(name)
+        return [
+            self._names.points[n].add_hook(hook, dir, is_permanent, prepend) for n in selected
+        ]
+
+    def add_perma_hook(
+        self, name: str | Callable[[str], bool], hook: HookFn, dir: Literal["fwd", "bwd"] = "fwd"
+    ) -> list[HookHandle]:
+        """Add a hook that `reset_hooks()` keeps (unless `including_permanent=True`)."""
+        return self.add_hook(name, hook, dir, is_permanent=True)
+
+    def reset_hooks(self, including_permanent: bool = False) -> None:
+        """Remove every hook (permanent ones too if asked)."""
+        for point in self._names.points.values():
+            point.remove_hooks("both", including_permanent)
+
+    @contextmanager
+    def hooks(
+        self,
+        fwd_hooks: Sequence[HookSpec] = (),
+        bwd_hooks: Sequence[HookSpec] = (),
+    ) -> Iterator[TransformerBridge]:
+        """Attach hooks for the duration of a ``with`` block; they go when it ends or raises."""
+        plan = [(self._names.select(n), fn, "fwd") for n, fn in fwd_hooks]
+        plan += [(self._names.select(n), fn, "bwd") for n, fn in bwd_hooks]
+        handles: list[HookHandle] = []
+        try:
+            for names, fn, direction in plan:
+                for name in names:
+                    handles.append(self._names.points[name].add_hook(fn, direction))  # type: ignore[arg-type]  # "fwd"/"bwd" literals above
+            yield self
+        finally:
+            for handle in reversed(handles):
+                handle.remove()
+
+    def run_with_hooks(
+        self,
+        *args: Any,
+        fwd_hooks: Sequence[HookSpec] = (),
+        bwd_hooks: Sequence[HookSpec] = (),
+        **kwargs: Any,
+    ) -> Any:
+        """Run forward with temporary hooks (removed afterwards, also on error)."""
+        with self.hooks(fwd_hooks, bwd_hooks):
+            return self(*args, **kwargs)
+
+    def run_with_cache(
+        self,
+        *args: Any,
+        names_filter: NamesFilter = None,
+        device: str | torch.device | None = None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Any, ActivationCache]:
+        """Run forward and cache the activations `names_filter` selects (all by default).
+
+        Args:
+            device: where to put cached tensors (the model stays where it is).
+            remove_batch_dim: drop the batch dimension (batch of one).
+            incl_bwd: also run backward from the loss and cache ``<name>_grad``; needs
+                ``return_type="loss"`` or ``"both"``.
+
+        Returns:
+            (what forward returns, ActivationCache)
+        """
+        selected = self._names.select(names_filter)
+        if incl_bwd and kwargs.get("return_type") not in ("loss", "both"):
+            raise InputError("incl_bwd=True differentiates the loss: pass return_type='loss'")
+        store: dict[str, torch.Tensor] = {}
+        fwd = [(n, _saver(store, n, device, remove_batch_dim)) for n in selected]
+        bwd = [(n, _saver(store, f"{n}_grad", device, remove_batch_dim)) for n in selected]
+        with self.hooks(fwd, bwd if incl_bwd else ()):
+            output = self(*args, **kwargs)
+            if incl_bwd:
+                loss = output[1] if isinstance(output, tuple) else output
+                loss.backward()
+        order = {n: i for i, n in enumerate(selected)}
+        ordered = dict(sorted(store.items(), key=lambda kv: order.get(kv[0].removesuffix("_grad"), 0)))
+        return output, ActivationCache(ordered, self, has_batch_dim=not remove_batch_dim)
+
+    # -- text ----------------------------------------------------------------------------
+
+    def to_tokens(
+        self,
+        input: tokens.TextInput,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        move_to_device: bool = True,
+    ) -> torch.Tensor:
+        """Token ids ``[batch, pos]`` for text, as the model's tokenizer makes them."""
+        ids = tokens.tokenize(self.tokenizer, input, prepend_bos, padding_side)["input_ids"]
+        return ids.to(self.device) if move_to_device else ids
+
+    def to_str_tokens(
+        self, input: tokens.TextInput | torch.Tensor, prepend_bos: bool | None = None
+    ) -> list[str] | list[list[str]]:
+        """Each token as a string (a list per sequence for a batch)."""
+        ids = input if isinstance(input, torch.Tensor) else self.to_tokens(input, prepend_bos)
+        rows = [ids.tolist()] if ids.dim() == 1 else ids.tolist()
+        strs = [[str(self.tokenizer.decode([t])) for t in row] for row in rows]
+        return strs[0] if ids.dim() == 1 or (len(strs) == 1 and isinstance(input, str)) else strs
+
+    def to_string(self, tokens_: torch.Tensor | Sequence[int]) -> str | list[str]:
+        """Decode tokens to text (a list of strings for a batch)."""
+        return tokens.decode(self.tokenizer, tokens_)
+
+    def generate(self, input: tokens.TextInput | torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Generate with HF's `generate`; active hooks apply at every step (see `generation`)."""
+        from bridge_core.generation import generate
+
+        return generate(self, input, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"TransformerBridge({self.adapter.name}: {type(self.original_model).__name__})"
+
+
+def _saver(
+    store: dict[str, torch.Tensor], key: str, device: Any, remove_batch_dim: bool
+) -> HookFn:
+    def save(tensor: torch.Tensor, hook: HookPoint) -> None:
+        value = tensor.detach()
+        if device is not None:
+            value = value.to(device)
+        store[key] = value[0] if remove_batch_dim else value
+
+    return save
+
+
+def _tokenizer_of(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", None)

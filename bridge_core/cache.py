@@ -1,0 +1,265 @@
+"""ActivationCache: the activations of one run, by hook name, with TransformerLens helpers."""
+
+from __future__ import annotations
+
+from collections.abc import ItemsView, Iterator, KeysView, ValuesView
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bridge_core.errors import HookNameError, InputError, did_you_mean
+
+if TYPE_CHECKING:
+    from bridge_core.bridge import TransformerBridge
+
+PosSlice = int | slice | list[int] | torch.Tensor | None
+
+_ATTN = {"q", "k", "v", "z", "pattern", "attn_scores", "result", "rot_q", "rot_k"}
+_MLP = {"pre", "post", "pre_linear", "mid"}
+_NORM = {"normalized", "scale"}
+_SHORT = {"a": "attn", "m": "mlp", "attention": "attn"}
+
+
+def act_name(name: str, layer: int | None = None, sublayer: str | None = None) -> str:
+    """TransformerLens's `get_act_name`: ``("resid_pre", 3)`` -> ``blocks.3.hook_resid_pre``."""
+    if "." in name or name.startswith("hook_"):
+        return name
+    if name in ("embed", "pos_embed"):
+        return f"hook_{name}"
+    if layer is None:
+        if name in _NORM:
+            return f"ln_final.hook_{name}"
+        raise InputError(f"activation {name!r} needs a layer index, e.g. cache[{name!r}, 0]")
+    if name in _ATTN:
+        return f"blocks.{layer}.attn.hook_{name}"
+    if name in _MLP:
+        return f"blocks.{layer}.mlp.hook_{name}"
+    if name in _NORM:
+        return f"blocks.{layer}.{sublayer or 'ln1'}.hook_{name}"
+    if sublayer:
+        return f"blocks.{layer}.{_SHORT.get(sublayer, sublayer)}.hook_{name}"
+    return f"blocks.{layer}.hook_{name}"
+
+
+class ActivationCache:
+    """Activations by canonical hook name; aliases and ``cache["resid_pre", 3]`` also work.
+
+    An aliased activation is stored once, under its canonical name.
+    """
+
+    def __init__(
+        self, cache_dict: dict[str, torch.Tensor], model: TransformerBridge, has_batch_dim: bool = True
+    ) -> None:
+        """Wrap `cache_dict` (canonical name -> tensor) of a run of `model`."""
+        self.cache_dict = cache_dict
+        self.model = model
+        self.has_batch_dim = has_batch_dim
+
+    # -- mapping -------------------------------------------------------------------------
+
+    def _key(self, key: str | tuple[Any, ...]) -> str:
+        name = act_name(*key) if isinstance(key, tuple) else key
+        if name in self.cache_dict:
+            return name
+        canonical = self.model._names.aliases.get(name, name)
+        if canonical in self.cache_dict:
+            return canonical
+        known = [*self.cache_dict, *self.model._names.aliases]
+        raise HookNameError(
+            f"{name!r} is not in this cache.{did_you_mean(name, known)} "
+            "Pass it in names_filter to cache it."
+        )
+
+    def __getitem__(self, key: str | tuple[Any, ...]) -> torch.Tensor:
+        if isinstance(key, tuple) and len(key) > 1 and isinstance(key[1], int) and key[1] < 0:
+            key = (key[0], key[1] + self.model.cfg.n_layers, *key[2:])
+        return self.cache_dict[self._key(key)]
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str | tuple):
+            return False
+        try:
+            self._key(key)
+        except HookNameError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.cache_dict)
+
+    def __len__(self) -> int:
+        return len(self.cache_dict)
+
+    def keys(self) -> KeysView[str]:
+        """Canonical names of the cached activations."""
+        return self.cache_dict.keys()
+
+    def values(self) -> ValuesView[torch.Tensor]:
+        """The cached tensors."""
+        return self.cache_dict.values()
+
+    def items(self) -> ItemsView[str, torch.Tensor]:
+        """(canonical name, tensor) pairs."""
+        return self.cache_dict.items()
+
+    def __repr__(self) -> str:
+        return f"ActivationCache with keys {list(self.cache_dict)}"
+
+    # -- storage -------------------------------------------------------------------------
+
+    def to(self, device: str | torch.device) -> ActivationCache:
+        """Move the cached tensors (not the model) to `device`; returns self."""
+        self.cache_dict = {k: v.to(device) for k, v in self.cache_dict.items()}
+        return self
+
+    def remove_batch_dim(self) -> ActivationCache:
+        """Drop the batch dimension of a batch-of-one cache; returns self."""
+        if not self.has_batch_dim:
+            return self
+        sizes = {v.shape[0] for v in self.cache_dict.values()}
+        if sizes - {1}:
+            raise InputError(f"remove_batch_dim needs a batch of one (batch sizes: {sorted(sizes)})")
+        self.cache_dict = {k: v[0] for k, v in self.cache_dict.items()}
+        self.has_batch_dim = False
+        return self
+
+    def unique_nbytes(self) -> int:
+        """Bytes held by the cache, each underlying storage counted once."""
+        storages: dict[int, int] = {}
+        for tensor in self.cache_dict.values():
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
+    # -- residual-stream analysis ---------------------------------------------------------
+
+    def stack_activation(
+        self, activation_name: str, layer: int = -1, sublayer_type: str | None = None
+    ) -> torch.Tensor:
+        """Stack one activation over layers 0..layer-1 (all if -1): ``[n_layers, ...]``."""
+        n = self.model.cfg.n_layers if layer == -1 else layer
+        return torch.stack([self[activation_name, i, sublayer_type] for i in range(n)])
+
+    def accumulated_resid(
+        self,
+        layer: int | None = None,
+        incl_mid: bool = False,
+        apply_ln: bool = False,
+        pos_slice: PosSlice = None,
+        mlp_input: bool = False,
+        return_labels: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
+        """The residual stream before each layer up to `layer` (and after the last if None).
+
+        Returns:
+            ``[n, batch, pos, d_model]`` (and the labels, if asked).
+        """
+        n_layers = self.model.cfg.n_layers
+        layer = n_layers if layer is None else layer % (n_layers + 1)
+        parts: list[torch.Tensor] = []
+        labels: list[str] = []
+        for i in range(layer):
+            parts.append(self["resid_pre", i])
+            labels.append(f"{i}_pre")
+            if incl_mid:
+                parts.append(self["resid_mid", i])
+                labels.append(f"{i}_mid")
+        if mlp_input and layer < n_layers:
+            parts.append(self["resid_mid", layer])
+            labels.append(f"{layer}_mid")
+        if layer == n_layers:
+            parts.append(self["resid_post", n_layers - 1])
+            labels.append("final_post")
+        else:
+            parts.append(self["resid_pre", layer])
+            labels.append(f"{layer}_pre")
+        stack = _slice_pos(torch.stack(parts), pos_slice)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def decompose_resid(
+        self,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        mode: str = "all",
+        apply_ln: bool = False,
+        pos_slice: PosSlice = None,
+        incl_embeds: bool = True,
+        return_labels: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
+        """The outputs that sum to the residual stream at `layer`: embeddings, attn and mlp.
+
+        Args:
+            mode: "all", "attn" or "mlp": which block outputs to include.
+        """
+        if mode not in ("all", "attn", "mlp"):
+            raise InputError(f"mode must be 'all', 'attn' or 'mlp' (got {mode!r})")
+        n_layers = self.model.cfg.n_layers
+        layer = n_layers if layer is None else layer
+        parts: list[torch.Tensor] = []
+        labels: list[str] = []
+        if incl_embeds:
+            for name in ("hook_embed", "hook_pos_embed"):
+                if name in self:
+                    parts.append(self[name])
+                    labels.append(name.removeprefix("hook_"))
+        for i in range(layer + int(mlp_input and layer < n_layers)):
+            if mode in ("all", "attn"):
+                parts.append(self["attn_out", i])
+                labels.append(f"{i}_attn_out")
+            if mode in ("all", "mlp") and i < layer:
+                parts.append(self["mlp_out", i])
+                labels.append(f"{i}_mlp_out")
+        shape = torch.broadcast_shapes(*(p.shape for p in parts))  # pos_embed: [1, pos, d]
+        stack = _slice_pos(torch.stack([p.expand(shape) for p in parts]), pos_slice)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def apply_ln_to_stack(
+        self,
+        residual_stack: torch.Tensor,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        pos_slice: PosSlice = None,
+        has_batch_dim: bool = True,
+    ) -> torch.Tensor:
+        """Centre (LayerNorm only) and divide by the scale of the norm that reads `layer`.
+
+        The scale is the one the model used in this run (from the norm's cached input), so
+        the map is linear in the stack's components, as in TransformerLens. The norm's
+        weight and bias are not applied; `logit_lens` applies the whole final norm.
+        """
+        cfg = self.model.cfg
+        n_layers = cfg.n_layers
+        if layer is None or layer == n_layers:
+            name = "ln_final.hook_in"
+        else:
+            name = f"blocks.{layer}.{'ln2' if mlp_input else 'ln1'}.hook_in"
+        resid = _slice_pos(self[name], pos_slice)
+        if not has_batch_dim:
+            resid = resid[0]
+        eps = cfg.eps or 1e-5
+        if cfg.normalization_type == "LN":
+            residual_stack = residual_stack - residual_stack.mean(-1, keepdim=True)
+            scale = (resid.var(-1, keepdim=True, unbiased=False) + eps).sqrt()
+        else:
+            scale = (resid.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        return residual_stack / scale
+
+    def logit_lens(self, residual_stack: torch.Tensor) -> torch.Tensor:
+        """Apply the final norm and the unembedding to each element of a residual stack."""
+        model = self.model
+        with torch.no_grad():
+            normalized = model.component("ln_final")(residual_stack)
+            return model.component("unembed")(normalized)  # type: ignore[no-any-return]
+
+
+def _slice_pos(x: torch.Tensor, pos_slice: PosSlice) -> torch.Tensor:
+    """Index the position dimension (second to last) of `x`."""
+    if pos_slice is None:
+        return x
+    if isinstance(pos_slice, int):
+        return x[..., pos_slice : pos_slice + 1 if pos_slice != -1 else None, :]
+    return x[..., pos_slice, :]

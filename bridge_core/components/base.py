@@ -1,0 +1,111 @@
+"""GeneralizedComponent: a named, hookable view of one HF submodule."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+from torch import nn
+
+from bridge_core.hooks import HookPoint, InputTap, OutputTap
+
+
+class GeneralizedComponent(nn.Module):
+    """A bridge component: an HF submodule with ``hook_in`` and ``hook_out``.
+
+    The HF module is kept as `original_component` (not registered as a child, so the bridge's
+    state dict holds each weight once, under the HF model). `forward` simply calls it; the
+    hook points fire through taps on that module, so calling the HF model or the component
+    runs the same hooks. Subclasses add internal hook points in `bind`.
+
+    Class attributes:
+        hook_aliases: names relative to this component that point at canonical hook names
+            (``{"hook_resid_pre": "hook_in"}``).
+        is_list_item: the spec's path names a list of modules (the transformer blocks);
+            one component is built per item.
+        internal_hooks: hook points besides ``hook_in``/``hook_out`` that `bind` connects.
+        path_options: options that name HF submodules (checked when the bridge is built).
+        required_options: options the spec must give.
+        input_arg: keyword under which the HF module receives its input, if not positional.
+    """
+
+    hook_aliases: ClassVar[dict[str, str]] = {}
+    is_list_item: ClassVar[bool] = False
+    internal_hooks: ClassVar[tuple[str, ...]] = ()
+    path_options: ClassVar[tuple[str, ...]] = ()
+    required_options: ClassVar[tuple[str, ...]] = ()
+    input_arg: ClassVar[str] = "hidden_states"
+
+    original_component: nn.Module | None
+
+    def __init__(
+        self,
+        name: str,
+        config: Any | None = None,
+        submodules: Mapping[str, nn.Module] | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Create an unbound component.
+
+        Args:
+            name: the component's name in the bridge tree (``"embed"``, ``"blocks.3.attn"``).
+            config: the bridge's TransformerBridgeConfig, if the component needs it.
+            submodules: child components (or `nn.ModuleList`s of them), by attribute name.
+            options: per-kind options from the adapter spec.
+        """
+        super().__init__()
+        self.name = name
+        self.config = config
+        self.options: dict[str, Any] = dict(options or {})
+        object.__setattr__(self, "original_component", None)
+        self.hook_in = HookPoint()
+        self.hook_out = HookPoint()
+        for hook_name in self.internal_hooks:
+            setattr(self, hook_name, HookPoint())
+        for key, child in (submodules or {}).items():
+            self.add_module(key, child)
+
+    def set_original_component(self, module: nn.Module) -> None:
+        """Attach this component to the HF module it bridges and bind its hook points."""
+        object.__setattr__(self, "original_component", module)
+        self.hook_in.bind(InputTap(module, self.input_arg))
+        self.hook_out.bind(OutputTap(module))
+        self.bind(module)
+
+    def bind(self, module: nn.Module) -> None:
+        """Bind the internal hook points of this kind of component to `module`'s parts."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the HF module (hooks fire through their taps)."""
+        if self.original_component is None:
+            raise RuntimeError(f"component {self.name!r} is not attached to an HF module")
+        return self.original_component(*args, **kwargs)
+
+    @property
+    def real_components(self) -> dict[str, nn.Module]:
+        """The HF modules this component and its child components bridge, by bridge name."""
+        found: dict[str, nn.Module] = {}
+        if self.original_component is not None:
+            found[self.name] = self.original_component
+        for child in self.components():
+            found.update(child.real_components)
+        return found
+
+    def components(self) -> Iterator[GeneralizedComponent]:
+        """Direct child components (list items flattened)."""
+        for child in self.children():
+            if isinstance(child, GeneralizedComponent):
+                yield child
+            elif isinstance(child, nn.ModuleList):
+                yield from (c for c in child if isinstance(c, GeneralizedComponent))
+
+    def part(self, module: nn.Module, option: str) -> nn.Module:
+        """The submodule of `module` named by option `option` of the spec."""
+        path = self.options.get(option)
+        if not isinstance(path, str):
+            raise KeyError(f"component {self.name!r} needs the option {option!r}")
+        return module.get_submodule(path)
+
+    def extra_repr(self) -> str:
+        original = type(self.original_component).__name__ if self.original_component else None
+        return f"name={self.name!r}, original={original}"

@@ -1,0 +1,298 @@
+"""Hook points and the taps that connect them to the unchanged HF modules.
+
+A `HookPoint` is a named place in the forward pass. It costs nothing until a hook is
+added: only then does its *tap* register a PyTorch hook on the HF module it observes,
+and when its last hook is removed the PyTorch hook goes too. Taps are registered with
+``prepend=True`` so they run before any hook HF itself keeps on the module (transformers
+5 records ``output_hidden_states`` with forward hooks; an edit must be what it records).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from bridge_core.errors import HookReturnError
+
+HookFn = Callable[..., torch.Tensor | None]
+"""A TransformerLens hook: ``fn(tensor, hook) -> tensor | None``."""
+
+Run = Callable[[torch.Tensor], torch.Tensor]
+Direction = Literal["fwd", "bwd"]
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+class Handle(Protocol):
+    """Anything that can be removed (a torch `RemovableHandle` or our own handles)."""
+
+    def remove(self) -> None: ...
+
+
+class Tap(Protocol):
+    """Connects a hook point to the HF forward pass; `attach` returns a removable handle."""
+
+    def attach(self, run: Run) -> Handle: ...
+
+
+def first_tensor(value: Any) -> torch.Tensor:
+    """Return the tensor a module output or argument list stands for (its first element)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, tuple | list):
+        return first_tensor(value[0])
+    if hasattr(value, "to_tuple"):  # transformers ModelOutput
+        return first_tensor(value.to_tuple()[0])
+    raise TypeError(f"expected a tensor, a tuple starting with one, or a ModelOutput; got {type(value)}")
+
+
+def replace_first(value: Any, new: torch.Tensor) -> Any:
+    """Return `value` with its first tensor replaced by `new`."""
+    if isinstance(value, torch.Tensor):
+        return new
+    if isinstance(value, tuple):
+        return (replace_first(value[0], new), *value[1:])
+    if isinstance(value, list):
+        return [replace_first(value[0], new), *value[1:]]
+    key = next(iter(value.keys()))  # ModelOutput: its first field is the main output
+    value[key] = replace_first(value[key], new)
+    return value
+
+
+@dataclass(frozen=True)
+class OutputTap:
+    """The (first) output of an HF module."""
+
+    module: nn.Module
+
+    def attach(self, run: Run) -> Handle:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            tensor = first_tensor(output)
+            new = run(tensor)
+            return None if new is tensor else replace_first(output, new)
+
+        return self.module.register_forward_hook(hook, prepend=True)
+
+
+@dataclass(frozen=True)
+class InputTap:
+    """The first tensor argument of an HF module (positional, or the keyword `arg`)."""
+
+    module: nn.Module
+    arg: str = "hidden_states"
+
+    def attach(self, run: Run) -> Handle:
+        def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> Any:
+            if args and isinstance(args[0], torch.Tensor):
+                new = run(args[0])
+                return None if new is args[0] else ((new, *args[1:]), kwargs)
+            name = self._keyword(kwargs)
+            new = run(kwargs[name])
+            return None if new is kwargs[name] else (args, {**kwargs, name: new})
+
+        return self.module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+
+    def _keyword(self, kwargs: dict[str, Any]) -> str:
+        if isinstance(kwargs.get(self.arg), torch.Tensor):
+            return self.arg
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                return name
+        raise TypeError(f"{type(self.module).__name__} was called without a tensor input to hook")
+
+
+@dataclass(frozen=True)
+class HeadsView:
+    """Show a ``[..., n_heads * d_head]`` activation as ``[..., n_heads, d_head]``."""
+
+    inner: Tap
+    d_head: int
+
+    def attach(self, run: Run) -> Handle:
+        def run_heads(x: torch.Tensor) -> torch.Tensor:
+            heads = x.unflatten(-1, (-1, self.d_head))
+            new = run(heads)
+            return x if new is heads else new.flatten(-2)
+
+        return self.inner.attach(run_heads)
+
+
+@dataclass(frozen=True)
+class SliceView:
+    """One part of a joint activation split on its last dimension (e.g. q of a fused qkv)."""
+
+    inner: Tap
+    sizes: tuple[int, ...]
+    index: int
+
+    def attach(self, run: Run) -> Handle:
+        def run_part(x: torch.Tensor) -> torch.Tensor:
+            parts = list(x.split(self.sizes, dim=-1))
+            new = run(parts[self.index])
+            if new is parts[self.index]:
+                return x
+            parts[self.index] = new
+            return torch.cat(parts, dim=-1)
+
+        return self.inner.attach(run_part)
+
+
+@dataclass
+class _Hook:
+    fn: HookFn
+    permanent: bool
+
+
+@dataclass(eq=False)
+class HookHandle:
+    """Removes one hook from its hook point."""
+
+    point: HookPoint
+    hook: _Hook
+    direction: Direction
+    removed: bool = field(default=False)
+
+    def remove(self) -> None:
+        """Remove the hook (idempotent)."""
+        if not self.removed:
+            self.removed = True
+            self.point._discard(self.hook, self.direction)
+
+
+class HookPoint(nn.Module):
+    """A named activation that hooks can read, replace, or take the gradient of.
+
+    Hook functions have TransformerLens's signature ``fn(tensor, hook) -> tensor | None``;
+    a returned tensor replaces the activation and must have its shape and dtype.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name: str = ""
+        self.ctx: dict[Any, Any] = {}
+        self._fwd: list[_Hook] = []
+        self._bwd: list[_Hook] = []
+        self._tap: Tap | None = None
+        self._attached: Handle | None = None
+
+    def bind(self, tap: Tap) -> None:
+        """Connect this hook point to the forward pass through `tap`."""
+        if self._attached is not None:
+            raise RuntimeError(f"hook point {self.name!r} is bound while it has hooks")
+        self._tap = tap
+
+    def add_hook(
+        self, fn: HookFn, dir: Direction = "fwd", is_permanent: bool = False, prepend: bool = False
+    ) -> HookHandle:
+        """Add `fn` as a forward (`dir="fwd"`) or backward (`dir="bwd"`) hook.
+
+        Returns:
+            A handle whose `remove()` takes this one hook away again.
+        """
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"hook direction must be 'fwd' or 'bwd', got {dir!r}")
+        if self._tap is None:
+            raise RuntimeError(f"hook point {self.name!r} is not bound to a module")
+        hook = _Hook(fn, is_permanent)
+        hooks = self._fwd if dir == "fwd" else self._bwd
+        hooks.insert(0, hook) if prepend else hooks.append(hook)
+        if self._attached is None:
+            self._attached = self._tap.attach(self._run)
+        return HookHandle(self, hook, dir)
+
+    def remove_hooks(
+        self, dir: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = False
+    ) -> None:
+        """Remove this point's hooks in direction `dir` (permanent ones only if asked)."""
+        for direction in ("fwd", "bwd"):
+            if dir in (direction, "both"):
+                for hook in list(self._fwd if direction == "fwd" else self._bwd):
+                    if including_permanent or not hook.permanent:
+                        self._discard(hook, direction)  # type: ignore[arg-type]  # literal loop var
+
+    def clear_context(self) -> None:
+        """Forget what hooks stored in `hook.ctx`."""
+        self.ctx.clear()
+
+    @property
+    def has_hooks(self) -> bool:
+        """Whether any forward or backward hook is attached."""
+        return bool(self._fwd or self._bwd)
+
+    def layer(self) -> int:
+        """The layer index in this hook point's name (``blocks.3.attn.hook_q`` -> 3)."""
+        match = _LAYER.search(f".{self.name}.")
+        if match is None:
+            raise ValueError(f"hook point {self.name!r} has no layer index in its name")
+        return int(match.group(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the hooks on `x` (what the forward pass does through the tap)."""
+        return self._run(x)
+
+    def _discard(self, hook: _Hook, direction: Direction) -> None:
+        hooks = self._fwd if direction == "fwd" else self._bwd
+        if hook in hooks:
+            hooks.remove(hook)
+        if not self.has_hooks and self._attached is not None:
+            self._attached.remove()
+            self._attached = None
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        for hook in list(self._fwd):
+            result = hook.fn(x, hook=self)
+            if result is not None:
+                self._check(result, x, hook.fn)
+                x = result
+        for hook in list(self._bwd):
+            if x.requires_grad:
+                x.register_hook(_grad_hook(hook.fn, self))
+        return x
+
+    def _check(self, result: Any, x: torch.Tensor, fn: HookFn) -> None:
+        name = getattr(fn, "__qualname__", repr(fn))
+        if not isinstance(result, torch.Tensor):
+            raise HookReturnError(
+                f"hook {name} on {self.name!r} returned {type(result).__name__}; "
+                "a hook returns None or a tensor that replaces the activation"
+            )
+        if result.shape != x.shape or result.dtype != x.dtype:
+            raise HookReturnError(
+                f"hook {name} on {self.name!r} returned a tensor of shape "
+                f"{tuple(result.shape)} and dtype {result.dtype}; the activation has shape "
+                f"{tuple(x.shape)} and dtype {x.dtype}"
+            )
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, fwd={len(self._fwd)}, bwd={len(self._bwd)}"
+
+
+def _grad_hook(fn: HookFn, point: HookPoint) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    def on_grad(grad: torch.Tensor) -> torch.Tensor | None:
+        result = fn(grad, hook=point)
+        if result is not None:
+            point._check(result, grad, fn)
+        return result
+
+    return on_grad
+
+
+__all__ = [
+    "Handle",
+    "HeadsView",
+    "HookFn",
+    "HookHandle",
+    "HookPoint",
+    "InputTap",
+    "OutputTap",
+    "SliceView",
+    "Tap",
+    "first_tensor",
+    "replace_first",
+]

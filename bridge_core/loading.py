@@ -1,0 +1,145 @@
+"""Loading HF models (hub id or local directory) and choosing their adapter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bridge_core.errors import AdapterNotFoundError, BootError
+from bridge_core.registry import Registry, get_registry
+from bridge_core.spec import AdapterSpec
+
+if TYPE_CHECKING:
+    from bridge_core.bridge import AdapterArg, TransformerBridge
+
+
+def boot(
+    cls: type[TransformerBridge],
+    model_name_or_path: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    adapter: AdapterArg = None,
+    **from_pretrained_kwargs: Any,
+) -> TransformerBridge:
+    """Load a model by hub id or local path with HF's own loaders, and bridge it.
+
+    HF's cache and offline rules apply (``HF_HOME``, ``HF_HUB_OFFLINE=1``). The model
+    class is the adapter's ``model_class`` or the config's first architecture. The
+    tokenizer and processor are loaded on first use.
+
+    Args:
+        device: move the model there after loading.
+        dtype: HF's ``dtype`` argument (HF's default when None).
+        adapter: an adapter name, an AdapterSpec, or a path to a TOML/JSON spec;
+            by default the registry picks it from ``config.architectures[0]``.
+        **from_pretrained_kwargs: passed to ``from_pretrained`` (e.g. ``revision``,
+            ``device_map``, ``attn_implementation``).
+
+    Raises:
+        BootError: the path does not exist, or the hub id is not available (offline).
+        AdapterNotFoundError: no adapter claims the architecture.
+    """
+    source = _source(model_name_or_path)
+    config = _load_config(source, from_pretrained_kwargs)
+    registry = get_registry()
+    spec = choose_adapter(config, adapter, registry)
+    model_class = _model_class(spec, config)
+    if dtype is not None:
+        from_pretrained_kwargs["dtype"] = dtype
+    model = model_class.from_pretrained(source, config=config, **from_pretrained_kwargs)
+    if device is not None:
+        model = model.to(device)
+    cfg = spec.bridge_config(
+        config, model_name=source, architecture=model_class.__name__, adapter=spec.name
+    )
+    bridge = cls(model, spec, cfg, registry=registry)
+    bridge.set_text_loader(lambda: load_tokenizer_and_processor(source))
+    return bridge
+
+
+def choose_adapter(
+    hf_config: Any, adapter: AdapterArg, registry: Registry, architecture: str | None = None
+) -> AdapterSpec:
+    """The adapter to use: the one given (name, spec or spec file) or the registry's pick."""
+    if isinstance(adapter, AdapterSpec):
+        return adapter
+    if isinstance(adapter, Path) or (
+        isinstance(adapter, str) and adapter.endswith((".toml", ".json"))
+    ):
+        return AdapterSpec.from_file(adapter)
+    if isinstance(adapter, str):
+        return registry.adapter(adapter)
+    if hf_config is None:
+        raise AdapterNotFoundError("the model has no HF config to choose an adapter by; pass adapter=")
+    return registry.resolve(hf_config, architecture)
+
+
+def load_tokenizer_and_processor(source: str) -> tuple[Any, Any]:
+    """The tokenizer and (for multimodal models) processor saved with a model, or None."""
+    from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase
+
+    processor: Any = None
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+    except (OSError, ValueError, KeyError, TypeError):
+        processor = None
+    if isinstance(processor, PreTrainedTokenizerBase):
+        return processor, None
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, KeyError, TypeError):
+            tokenizer = None
+    return tokenizer, processor
+
+
+def _source(model_name_or_path: str | Path) -> str:
+    text = os.fspath(model_name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path)
+    looks_like_path = (
+        isinstance(model_name_or_path, Path)
+        or text.startswith((".", "/", "~"))
+        or text.count("/") > 1
+        or os.sep != "/" and os.sep in text
+    )
+    if looks_like_path:
+        reason = "is a file, not a model directory" if path.exists() else "does not exist"
+        raise BootError(f"cannot boot {text!r}: the path {reason}")
+    return text
+
+
+def _load_config(source: str, kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    config_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "trust_remote_code") if k in kwargs}
+    try:
+        return AutoConfig.from_pretrained(source, **config_kwargs)
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        where = "in the Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the hub"
+        raise BootError(
+            f"cannot boot {source!r}: it is not a local directory, and no model of that id "
+            f"was found {where}. ({exc})"
+        ) from exc
+
+
+def _model_class(spec: AdapterSpec, config: Any) -> Any:
+    import transformers
+
+    architectures = getattr(config, "architectures", None) or []
+    name = spec.model_class or (architectures[0] if architectures else None)
+    model_class = getattr(transformers, name, None) if name else None
+    if model_class is None:
+        raise BootError(
+            f"adapter {spec.name!r} cannot tell which HF class to load: config architectures "
+            f"{architectures}, model_class {spec.model_class!r}, and transformers has no class "
+            f"{name!r}"
+        )
+    return model_class

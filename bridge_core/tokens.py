@@ -1,0 +1,77 @@
+"""Text (and image) inputs: tokenization through the attached tokenizer or processor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from bridge_core.errors import InputError
+
+TextInput = str | list[str]
+
+
+def tokenize(
+    tokenizer: Any,
+    text: TextInput,
+    prepend_bos: bool | None = None,
+    padding_side: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Tokenize `text` as the model's tokenizer does (special tokens included).
+
+    Args:
+        prepend_bos: None keeps the tokenizer's habit; True adds BOS where it does not,
+            False strips a BOS it adds.
+        padding_side: "left" or "right" for batches of different lengths.
+    """
+    if tokenizer is None:
+        raise InputError("this bridge has no tokenizer; pass input_ids=... or wrap(tokenizer=...)")
+    kwargs: dict[str, Any] = {"return_tensors": "pt"}
+    if isinstance(text, list):
+        if tokenizer.pad_token is None:
+            raise InputError("batching strings of different lengths needs a pad token")
+        kwargs["padding"] = True
+        if padding_side is not None:
+            kwargs["padding_side"] = padding_side
+    encoded = tokenizer(text, **kwargs)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    bos = tokenizer.bos_token_id
+    if prepend_bos is not None and bos is not None:
+        has_bos = bool((ids[:, 0] == bos).all()) and not bool((mask[:, 0] == 0).any())
+        if prepend_bos and not has_bos:
+            ids = torch.cat([torch.full_like(ids[:, :1], bos), ids], dim=1)
+            mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        elif not prepend_bos and has_bos:
+            ids, mask = ids[:, 1:], mask[:, 1:]
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def process(processor: Any, text: TextInput, images: Any) -> dict[str, torch.Tensor]:
+    """Run the attached multimodal processor on text and images."""
+    if processor is None:
+        raise InputError(
+            "images were given, but this bridge has no processor; pass pixel_values=... "
+            "or wrap(processor=...)"
+        )
+    padding = isinstance(text, list) and len(text) > 1
+    return dict(processor(text=text, images=images, return_tensors="pt", padding=padding))
+
+
+def to_device(inputs: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Move tensors to `device`; floating-point ones (pixels) also to the model's dtype."""
+    moved: dict[str, Any] = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
+        moved[key] = value
+    return moved
+
+
+def decode(tokenizer: Any, tokens: torch.Tensor | Sequence[int]) -> str | list[str]:
+    """Tokens to text: a string for one sequence, a list for a batch."""
+    if tokenizer is None:
+        raise InputError("this bridge has no tokenizer to decode with")
+    if isinstance(tokens, torch.Tensor) and tokens.dim() == 2:
+        return [str(tokenizer.decode(row)) for row in tokens]
+    return str(tokenizer.decode(tokens))
