@@ -35,9 +35,7 @@ class Assembler:
                 built[key] = entry
         return built
 
-    def _entry(
-        self, spec: ComponentSpec, parent: nn.Module, name: str, where: str
-    ) -> Built | None:
+    def _entry(self, spec: ComponentSpec, parent: nn.Module, name: str, where: str) -> Built | None:
         module = self._resolve(spec, parent, where)
         if module is None:
             return None
@@ -46,8 +44,9 @@ class Assembler:
             return self._component(cls, spec, module, name, where)
         if not isinstance(module, nn.ModuleList | nn.Sequential):
             raise self._error(
-                where, f"kind {spec.kind!r} is a list of layers, but {spec.paths[0]!r} is a "
-                f"{type(module).__name__}, not a ModuleList"
+                where,
+                f"kind {spec.kind!r} is a list of layers, but {spec.paths[0]!r} is a "
+                f"{type(module).__name__}, not a ModuleList",
             )
         return nn.ModuleList(
             self._component(cls, spec, item, f"{name}.{i}", f"{where}[{i}]")

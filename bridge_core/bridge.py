@@ -74,7 +74,11 @@ class TransformerBridge(nn.Module):
         from bridge_core.loading import boot
 
         return boot(
-            cls, model_name_or_path, device=device, dtype=dtype, adapter=adapter,
+            cls,
+            model_name_or_path,
+            device=device,
+            dtype=dtype,
+            adapter=adapter,
             **from_pretrained_kwargs,
         )
 
@@ -90,7 +94,9 @@ class TransformerBridge(nn.Module):
         from bridge_core.loading import choose_adapter
 
         registry = get_registry()
-        spec = choose_adapter(getattr(model, "config", None), adapter, registry, type(model).__name__)
+        spec = choose_adapter(
+            getattr(model, "config", None), adapter, registry, type(model).__name__
+        )
         cfg = spec.bridge_config(model.config, architecture=type(model).__name__, adapter=spec.name)
         return cls(model, spec, cfg, tokenizer, processor, registry)
 
@@ -237,9 +243,7 @@ class TransformerBridge(nn.Module):
     ) -> list[HookHandle]:
         """Add `hook` to the hook point `name` (or every point a predicate selects)."""
         selected = self._names.select(name)
-        return [
-            self._names.points[n].add_hook(hook, dir, is_permanent, prepend) for n in selected
-        ]
+        return [self._names.points[n].add_hook(hook, dir, is_permanent, prepend) for n in selected]
 
     def add_perma_hook(
         self, name: str | Callable[[str], bool], hook: HookFn, dir: Literal["fwd", "bwd"] = "fwd"
@@ -259,13 +263,15 @@ class TransformerBridge(nn.Module):
         bwd_hooks: Sequence[HookSpec] = (),
     ) -> Iterator[TransformerBridge]:
         """Attach hooks for the duration of a ``with`` block; they go when it ends or raises."""
-        plan = [(self._names.select(n), fn, "fwd") for n, fn in fwd_hooks]
-        plan += [(self._names.select(n), fn, "bwd") for n, fn in bwd_hooks]
+        fwd = [(self._names.select(n), fn) for n, fn in fwd_hooks]  # resolve all names first
+        bwd = [(self._names.select(n), fn) for n, fn in bwd_hooks]
+        points = self._names.points
         handles: list[HookHandle] = []
         try:
-            for names, fn, direction in plan:
-                for name in names:
-                    handles.append(self._names.points[name].add_hook(fn, direction))  # type: ignore[arg-type]  # "fwd"/"bwd" literals above
+            for names, fn in fwd:
+                handles += [points[name].add_hook(fn, "fwd") for name in names]
+            for names, fn in bwd:
+                handles += [points[name].add_hook(fn, "bwd") for name in names]
             yield self
         finally:
             for handle in reversed(handles):
@@ -314,7 +320,9 @@ class TransformerBridge(nn.Module):
                 loss = output[1] if isinstance(output, tuple) else output
                 loss.backward()
         order = {n: i for i, n in enumerate(selected)}
-        ordered = dict(sorted(store.items(), key=lambda kv: order.get(kv[0].removesuffix("_grad"), 0)))
+        ordered = dict(
+            sorted(store.items(), key=lambda kv: order.get(kv[0].removesuffix("_grad"), 0))
+        )
         return output, ActivationCache(ordered, self, has_batch_dim=not remove_batch_dim)
 
     # -- text ----------------------------------------------------------------------------
@@ -353,9 +361,7 @@ class TransformerBridge(nn.Module):
         return f"TransformerBridge({self.adapter.name}: {type(self.original_model).__name__})"
 
 
-def _saver(
-    store: dict[str, torch.Tensor], key: str, device: Any, remove_batch_dim: bool
-) -> HookFn:
+def _saver(store: dict[str, torch.Tensor], key: str, device: Any, remove_batch_dim: bool) -> HookFn:
     def save(tensor: torch.Tensor, hook: HookPoint) -> None:
         value = tensor.detach()
         if device is not None:

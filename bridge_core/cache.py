@@ -48,7 +48,10 @@ class ActivationCache:
     """
 
     def __init__(
-        self, cache_dict: dict[str, torch.Tensor], model: TransformerBridge, has_batch_dim: bool = True
+        self,
+        cache_dict: dict[str, torch.Tensor],
+        model: TransformerBridge,
+        has_batch_dim: bool = True,
     ) -> None:
         """Wrap `cache_dict` (canonical name -> tensor) of a run of `model`."""
         self.cache_dict = cache_dict
@@ -118,7 +121,9 @@ class ActivationCache:
             return self
         sizes = {v.shape[0] for v in self.cache_dict.values()}
         if sizes - {1}:
-            raise InputError(f"remove_batch_dim needs a batch of one (batch sizes: {sorted(sizes)})")
+            raise InputError(
+                f"remove_batch_dim needs a batch of one (batch sizes: {sorted(sizes)})"
+            )
         self.cache_dict = {k: v[0] for k, v in self.cache_dict.items()}
         self.has_batch_dim = False
         return self
@@ -211,7 +216,7 @@ class ActivationCache:
             if mode in ("all", "mlp") and i < layer:
                 parts.append(self["mlp_out", i])
                 labels.append(f"{i}_mlp_out")
-        shape = torch.broadcast_shapes(*(p.shape for p in parts))  # pos_embed: [1, pos, d]
+        shape = max((p.shape for p in parts), key=lambda s: s.numel())  # pos_embed: [1, pos, d]
         stack = _slice_pos(torch.stack([p.expand(shape) for p in parts]), pos_slice)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice)
@@ -253,7 +258,8 @@ class ActivationCache:
         model = self.model
         with torch.no_grad():
             normalized = model.component("ln_final")(residual_stack)
-            return model.component("unembed")(normalized)  # type: ignore[no-any-return]
+            logits: torch.Tensor = model.component("unembed")(normalized)
+            return logits
 
 
 def _slice_pos(x: torch.Tensor, pos_slice: PosSlice) -> torch.Tensor:

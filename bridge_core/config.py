@@ -64,13 +64,12 @@ class TransformerBridgeConfig(BaseModel):
                 f"n_heads must be a multiple of n_key_value_heads "
                 f"(got n_heads={self.n_heads}, n_key_value_heads={self.n_key_value_heads})"
             )
-        if self.vision_image_size and self.vision_patch_size:
-            if self.vision_image_size % self.vision_patch_size:
-                raise ValueError(
-                    f"vision_image_size must be divisible by vision_patch_size (got "
-                    f"vision_image_size={self.vision_image_size}, "
-                    f"vision_patch_size={self.vision_patch_size})"
-                )
+        image, patch = self.vision_image_size, self.vision_patch_size
+        if image and patch and image % patch:
+            raise ValueError(
+                f"vision_image_size must be divisible by vision_patch_size "
+                f"(got vision_image_size={image}, vision_patch_size={patch})"
+            )
         return self
 
     @property

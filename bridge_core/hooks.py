@@ -16,7 +16,6 @@ from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from bridge_core.errors import HookReturnError
 
@@ -49,7 +48,9 @@ def first_tensor(value: Any) -> torch.Tensor:
         return first_tensor(value[0])
     if hasattr(value, "to_tuple"):  # transformers ModelOutput
         return first_tensor(value.to_tuple()[0])
-    raise TypeError(f"expected a tensor, a tuple starting with one, or a ModelOutput; got {type(value)}")
+    raise TypeError(
+        f"expected a tensor, a tuple starting with one, or a ModelOutput; got {type(value)}"
+    )
 
 
 def replace_first(value: Any, new: torch.Tensor) -> Any:
@@ -116,7 +117,7 @@ class HeadsView:
 
     def attach(self, run: Run) -> Handle:
         def run_heads(x: torch.Tensor) -> torch.Tensor:
-            heads = x.unflatten(-1, (-1, self.d_head))
+            heads = x.view(*x.shape[:-1], -1, self.d_head)
             new = run(heads)
             return x if new is heads else new.flatten(-2)
 
@@ -133,7 +134,7 @@ class SliceView:
 
     def attach(self, run: Run) -> Handle:
         def run_part(x: torch.Tensor) -> torch.Tensor:
-            parts = list(x.split(self.sizes, dim=-1))
+            parts = list(torch.split(x, list(self.sizes), dim=-1))
             new = run(parts[self.index])
             if new is parts[self.index]:
                 return x
@@ -210,11 +211,12 @@ class HookPoint(nn.Module):
         self, dir: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = False
     ) -> None:
         """Remove this point's hooks in direction `dir` (permanent ones only if asked)."""
-        for direction in ("fwd", "bwd"):
+        directions: tuple[Direction, ...] = ("fwd", "bwd")
+        for direction in directions:
             if dir in (direction, "both"):
                 for hook in list(self._fwd if direction == "fwd" else self._bwd):
                     if including_permanent or not hook.permanent:
-                        self._discard(hook, direction)  # type: ignore[arg-type]  # literal loop var
+                        self._discard(hook, direction)
 
     def clear_context(self) -> None:
         """Forget what hooks stored in `hook.ctx`."""
@@ -252,7 +254,8 @@ class HookPoint(nn.Module):
                 x = result
         for hook in list(self._bwd):
             if x.requires_grad:
-                x.register_hook(_grad_hook(hook.fn, self))
+                register: Callable[..., Any] = x.register_hook  # untyped in torch
+                register(_grad_hook(hook.fn, self))
         return x
 
     def _check(self, result: Any, x: torch.Tensor, fn: HookFn) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -74,7 +74,9 @@ def choose_adapter(
     if isinstance(adapter, str):
         return registry.adapter(adapter)
     if hf_config is None:
-        raise AdapterNotFoundError("the model has no HF config to choose an adapter by; pass adapter=")
+        raise AdapterNotFoundError(
+            "the model has no HF config to choose an adapter by; pass adapter="
+        )
     return registry.resolve(hf_config, architecture)
 
 
@@ -84,7 +86,7 @@ def load_tokenizer_and_processor(source: str) -> tuple[Any, Any]:
 
     processor: Any = None
     try:
-        processor = AutoProcessor.from_pretrained(source)
+        processor = cast(Any, AutoProcessor).from_pretrained(source)  # untyped in transformers
     except (OSError, ValueError, KeyError, TypeError):
         processor = None
     if isinstance(processor, PreTrainedTokenizerBase):
@@ -107,7 +109,7 @@ def _source(model_name_or_path: str | Path) -> str:
         isinstance(model_name_or_path, Path)
         or text.startswith((".", "/", "~"))
         or text.count("/") > 1
-        or os.sep != "/" and os.sep in text
+        or (os.sep != "/" and os.sep in text)
     )
     if looks_like_path:
         reason = "is a file, not a model directory" if path.exists() else "does not exist"
@@ -118,7 +120,8 @@ def _source(model_name_or_path: str | Path) -> str:
 def _load_config(source: str, kwargs: dict[str, Any]) -> Any:
     from transformers import AutoConfig
 
-    config_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "trust_remote_code") if k in kwargs}
+    shared = ("revision", "cache_dir", "token", "trust_remote_code")
+    config_kwargs = {k: kwargs[k] for k in shared if k in kwargs}
     try:
         return AutoConfig.from_pretrained(source, **config_kwargs)
     except OSError as exc:

@@ -189,10 +189,12 @@ class Registry:
                 plugin = ep.load()
                 self._add(plugin, ep.name, PluginInfo(ep.name, ep.value, dist, version))
             except Exception as exc:
-                error = exc if isinstance(exc, PluginLoadError) else PluginLoadError(
-                    f'Error importing plugin "{ep.name}" ({ep.value}): {type(exc).__name__}: {exc}'
-                )
-                if error is not exc:
+                error = exc if isinstance(exc, PluginLoadError) else None
+                if error is None:
+                    what = f"{type(exc).__name__}: {exc}"
+                    error = PluginLoadError(
+                        f'Error importing plugin "{ep.name}" ({ep.value}): {what}'
+                    )
                     error.__cause__ = exc
                 self._report(ep.name, error)
 
