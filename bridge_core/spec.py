@@ -167,6 +167,8 @@ def describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        given = f" (got {error['input']!r})" if error["type"] != "missing" else ""
+        value = error["input"]
+        shown = error["type"] != "missing" and not isinstance(value, dict | list)
+        given = f" (got {value!r:.60})" if shown else ""
         lines.append(f"  {key}: {error['msg']}{given}")
     return "\n".join(lines)
