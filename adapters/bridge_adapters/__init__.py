@@ -6,4 +6,8 @@ from pathlib import Path
 
 def spec_paths() -> list[Path]:
     """The TOML spec files shipped with this package."""
-    return sorted(Path(str(p)) for p in files(__package__).joinpath("specs").iterdir() if str(p).endswith(".toml"))
+    return sorted(
+        Path(str(p))
+        for p in files(__package__).joinpath("specs").iterdir()
+        if str(p).endswith(".toml")
+    )
