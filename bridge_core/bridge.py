@@ -97,7 +97,12 @@ class TransformerBridge(nn.Module):
         spec = choose_adapter(
             getattr(model, "config", None), adapter, registry, type(model).__name__
         )
-        cfg = spec.bridge_config(model.config, architecture=type(model).__name__, adapter=spec.name)
+        cfg = spec.bridge_config(
+            model.config,
+            model_name=getattr(model.config, "_name_or_path", None) or None,
+            architecture=type(model).__name__,
+            adapter=spec.name,
+        )
         return cls(model, spec, cfg, tokenizer, processor, registry)
 
     def set_text_loader(self, loader: Callable[[], tuple[Any, Any]]) -> None:
@@ -235,18 +240,25 @@ class TransformerBridge(nn.Module):
 
     def add_hook(
         self,
-        name: str | Callable[[str], bool],
+        name: str | Sequence[str] | Callable[[str], bool],
         hook: HookFn,
         dir: Literal["fwd", "bwd"] = "fwd",
         is_permanent: bool = False,
         prepend: bool = False,
     ) -> list[HookHandle]:
-        """Add `hook` to the hook point `name` (or every point a predicate selects)."""
+        """Add `hook` to the hook point `name` (or to each of a list, or each a predicate selects).
+
+        Returns:
+            One handle per hook point; ``handle.remove()`` takes that hook away.
+        """
         selected = self._names.select(name)
         return [self._names.points[n].add_hook(hook, dir, is_permanent, prepend) for n in selected]
 
     def add_perma_hook(
-        self, name: str | Callable[[str], bool], hook: HookFn, dir: Literal["fwd", "bwd"] = "fwd"
+        self,
+        name: str | Sequence[str] | Callable[[str], bool],
+        hook: HookFn,
+        dir: Literal["fwd", "bwd"] = "fwd",
     ) -> list[HookHandle]:
         """Add a hook that `reset_hooks()` keeps (unless `including_permanent=True`)."""
         return self.add_hook(name, hook, dir, is_permanent=True)

@@ -200,11 +200,11 @@ class HookPoint(nn.Module):
             raise ValueError(f"hook direction must be 'fwd' or 'bwd', got {dir!r}")
         if self._tap is None:
             raise RuntimeError(f"hook point {self.name!r} is not bound to a module")
+        if self._attached is None:  # attach first: if the tap refuses, nothing is left behind
+            self._attached = self._tap.attach(self._run)
         hook = _Hook(fn, is_permanent)
         hooks = self._fwd if dir == "fwd" else self._bwd
         hooks.insert(0, hook) if prepend else hooks.append(hook)
-        if self._attached is None:
-            self._attached = self._tap.attach(self._run)
         return HookHandle(self, hook, dir)
 
     def remove_hooks(
