@@ -14,7 +14,7 @@ class TransformerBridgeConfig(BaseModel):
     that do not apply to an architecture stay ``None``.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
 
     model_name: str | None = None
     architecture: str | None = None

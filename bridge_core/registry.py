@@ -12,7 +12,7 @@ import importlib
 import os
 import warnings
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import Any
 
 import pluggy
@@ -176,8 +176,10 @@ class Registry:
         if self._loaded:
             return
         self._loaded = True
+        version = _own_version()
         for module_name in DEFAULT_PLUGINS:
-            self._add(importlib.import_module(module_name), module_name)
+            info = PluginInfo(module_name, module_name, "transformer-bridge", version)
+            self._add(importlib.import_module(module_name), module_name, info, strict=True)
         if self._autoload:
             self._load_entry_points()
 
@@ -187,7 +189,8 @@ class Registry:
             version = ep.dist.version if ep.dist else None
             try:
                 plugin = ep.load()
-                self._add(plugin, ep.name, PluginInfo(ep.name, ep.value, dist, version))
+                info = PluginInfo(ep.name, ep.value, dist, version)
+                self._add(plugin, ep.name, info, strict=False)
             except Exception as exc:
                 error = exc if isinstance(exc, PluginLoadError) else None
                 if error is None:
@@ -202,8 +205,10 @@ class Registry:
         self._errors[plugin] = error
         warnings.warn(str(error), RuntimeWarning, stacklevel=3)
 
-    def _add(self, plugin: object, name: str | None, info: PluginInfo | None = None) -> str:
-        """Register `plugin`; in-process (no `info`) a conflict is raised, else reported."""
+    def _add(
+        self, plugin: object, name: str | None, info: PluginInfo | None = None, strict: bool = True
+    ) -> str:
+        """Register `plugin`; a conflict is raised if `strict`, else reported and kept."""
         registered = self._pm.register(plugin, name)
         if registered is None:
             raise PluginLoadError(f"plugin {name or plugin!r} is already registered")
@@ -211,7 +216,7 @@ class Registry:
             contribution = self._collect(registered)
             self._check_conflicts(registered, contribution)
         except DuplicateAdapterError as conflict:
-            if info is None:
+            if strict:
                 self._pm.unregister(name=registered)
                 raise
             self._report(registered, conflict)  # kept: looking the architecture up raises
@@ -315,6 +320,13 @@ def _call(impl: Any, hook: str) -> Any:
         raise PluginLoadError(
             f"plugin {impl.plugin_name!r} hook {hook} raised {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _own_version() -> str | None:
+    try:
+        return version("transformer-bridge")
+    except PackageNotFoundError:
+        return None
 
 
 _REGISTRY: Registry | None = None

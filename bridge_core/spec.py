@@ -23,7 +23,7 @@ class ComponentSpec(BaseModel):
     components); a list gives candidates tried in order, for HF versions that differ.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     kind: str
     path: str | list[str]
@@ -47,7 +47,7 @@ class ComponentSpec(BaseModel):
 class ConfigMapping(BaseModel):
     """How TransformerBridgeConfig fields come from the HF config."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     from_hf: dict[str, str | list[str]] = Field(default_factory=dict)
     fixed: dict[str, Any] = Field(default_factory=dict)
@@ -67,7 +67,7 @@ class ConfigMapping(BaseModel):
 class AdapterSpec(BaseModel):
     """An architecture as data: components, config mapping and hook aliases."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     name: str
     architectures: list[str]
