@@ -219,7 +219,25 @@ class TransformerBridge(nn.Module):
         padding_side: str | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """HF forward keywords for `input` (text, ids or None) plus `kwargs`."""
+        """HF forward keywords for `input` (text, ids or None) plus `kwargs`.
+
+        Raises:
+            InputError: inputs the model cannot take (a component's `check_inputs` says why).
+        """
+        inputs = self._inputs(input, images, prepend_bos, padding_side, **kwargs)
+        for component in self.children():
+            if isinstance(component, GeneralizedComponent):
+                component.check_inputs(inputs)
+        return inputs
+
+    def _inputs(
+        self,
+        input: tokens.TextInput | torch.Tensor | None,
+        images: Any,
+        prepend_bos: bool | None,
+        padding_side: str | None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         if input is None:
             if images is not None:
                 raise InputError("images= needs text input (with its image tokens)")
@@ -232,6 +250,12 @@ class TransformerBridge(nn.Module):
             raise InputError(f"input must be text, a list of texts or ids (got {type(input)})")
         if images is not None:
             encoded = tokens.process(self.processor, input, images)
+            twice = sorted(set(encoded) & set(kwargs))
+            if twice:
+                raise InputError(
+                    f"{', '.join(twice)} given twice: made by the processor from images= and "
+                    "passed as keyword(s); pass one or the other"
+                )
         else:
             encoded = tokens.tokenize(self.tokenizer, input, prepend_bos, padding_side)
         return {**tokens.to_device(encoded, self.device, self.dtype), **kwargs}

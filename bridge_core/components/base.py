@@ -81,6 +81,14 @@ class GeneralizedComponent(nn.Module):
             raise RuntimeError(f"component {self.name!r} is not attached to an HF module")
         return self.original_component(*args, **kwargs)
 
+    def check_inputs(self, inputs: Mapping[str, Any]) -> None:
+        """Raise `InputError` if the HF forward keywords `inputs` cannot work for this component.
+
+        The bridge asks each top-level component before every forward and `generate`, so a
+        kind can say what it expected instead of failing deep inside the model. The default
+        accepts everything.
+        """
+
     @property
     def real_components(self) -> dict[str, nn.Module]:
         """The HF modules this component and its child components bridge, by bridge name."""
