@@ -144,7 +144,7 @@ class SliceView:
         return self.inner.attach(run_part)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the same function may be added twice
 class _Hook:
     fn: HookFn
     permanent: bool

@@ -90,14 +90,19 @@ def load_tokenizer_and_processor(source: str) -> tuple[Any, Any]:
     except (OSError, ValueError, KeyError, TypeError):
         processor = None
     if isinstance(processor, PreTrainedTokenizerBase):
-        return processor, None
+        return _real(processor), None
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError, KeyError, TypeError):
             tokenizer = None
-    return tokenizer, processor
+    return _real(tokenizer), processor
+
+
+def _real(tokenizer: Any) -> Any:
+    """The tokenizer, or None for the empty one transformers makes when no files exist."""
+    return tokenizer if tokenizer is not None and getattr(tokenizer, "vocab_size", 1) else None
 
 
 def _source(model_name_or_path: str | Path) -> str:

@@ -143,9 +143,10 @@ class Registry:
             architecture: the model class name, when known (else ``architectures[0]``).
         """
         self._ensure_loaded()
-        spec = self._pm.hook.resolve_adapter(hf_config=hf_config)
-        if spec is not None:
-            return self._validated(spec, "resolve_adapter")
+        for impl in reversed(self._pm.hook.resolve_adapter.get_hookimpls()):  # pluggy's order
+            spec = _call(impl, "resolve_adapter", hf_config=hf_config)
+            if spec is not None:  # firstresult
+                return self._validated(spec, "resolve_adapter", impl.plugin_name)
         architectures = getattr(hf_config, "architectures", None) or []
         model_type = getattr(hf_config, "model_type", None)
         architecture = architecture or (architectures[0] if architectures else None)
@@ -247,7 +248,7 @@ class Registry:
                     components[kind] = cls
         return _Contribution(adapters, components)
 
-    def _validated(self, spec: object, hook: str, plugin: str = "?") -> AdapterSpec:
+    def _validated(self, spec: object, hook: str, plugin: str) -> AdapterSpec:
         if isinstance(spec, AdapterSpec):
             return spec
         if isinstance(spec, dict):
@@ -311,9 +312,9 @@ class Registry:
         return message + f" Known adapters: {', '.join(sorted(s.name for s in specs))}"
 
 
-def _call(impl: Any, hook: str) -> Any:
+def _call(impl: Any, hook: str, **kwargs: Any) -> Any:
     try:
-        return impl.function()
+        return impl.function(**kwargs)
     except BridgeError:
         raise
     except Exception as exc:

@@ -1,0 +1,271 @@
+"""What the CLI's model commands share: booting with clear errors, inputs, names, summaries."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bridge_core.cli import PROG, UsageError
+from bridge_core.errors import AdapterNotFoundError, BootError, did_you_mean
+from bridge_core.spec import AdapterSpec
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from bridge_core.bridge import TransformerBridge
+    from bridge_core.cache import ActivationCache
+
+TEXT_PROMPT = "The quick brown fox jumps over the lazy dog"
+IMAGE_PROMPT = "What is in this picture?"
+MODEL_ACCEPTED = "a local directory written by save_pretrained (with config.json), or a hub id"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def boot(args: argparse.Namespace, model: str | None = None) -> TransformerBridge:
+    """Boot ``args.model`` (or `model`) with the CLI's ``--adapter/--device/--dtype``.
+
+    Raises:
+        UsageError: the model or the adapter does not exist.
+        BridgeError: the model exists but cannot be bridged (a failure, exit 1).
+    """
+    from bridge_core.bridge import TransformerBridge
+
+    name = model or args.model
+    check_model(name)
+    adapter = adapter_arg(args.adapter)
+    dtype = DTYPES.get(args.dtype, args.dtype)
+    try:
+        return TransformerBridge.boot(name, device=args.device, dtype=dtype, adapter=adapter)
+    except BootError as exc:
+        if not isinstance(exc.__cause__, OSError):  # found, but cannot be loaded: a failure
+            raise
+        raise UsageError(f"{exc} Accepted: {MODEL_ACCEPTED}{_cached_list(name)}") from exc
+
+
+def check_model(model: str) -> None:
+    """Refuse a model argument that names no model directory, or a hub id missing offline."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(
+                f"model directory {model!r} has no config.json, so it holds no saved model. "
+                f"Accepted: {MODEL_ACCEPTED}"
+            )
+        return
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        reason = "is a file, not a directory" if path.exists() else "does not exist"
+        raise UsageError(f"model path {model!r} {reason}. Accepted: {MODEL_ACCEPTED}")
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() and model not in cached_hub_ids():
+        raise UsageError(
+            f"model {model!r} is neither a local directory nor in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set. "
+            f"Accepted: {MODEL_ACCEPTED}{_cached_list(model)}"
+        )
+
+
+def cached_hub_ids() -> list[str]:
+    """Hub ids of the models in the local Hugging Face cache."""
+    from huggingface_hub import constants
+
+    root = Path(constants.HF_HUB_CACHE)
+    if not root.is_dir():
+        return []
+    repos = (d for d in root.glob("models--*") if (d / "snapshots").is_dir())
+    return sorted(d.name.removeprefix("models--").replace("--", "/") for d in repos)
+
+
+def _cached_list(model: str) -> str:
+    ids = cached_hub_ids()
+    if not ids:
+        return "; the Hugging Face cache holds no models."
+    shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+    return f"; cached hub ids: {shown}.{did_you_mean(model, ids)}"
+
+
+def adapter_arg(adapter: str | None) -> str | AdapterSpec | None:
+    """The ``--adapter`` value: None, a registered adapter's name, or a loaded spec file.
+
+    Raises:
+        UsageError: no adapter has that name, or the spec file does not exist.
+        SpecError: the spec file is invalid (a failure, exit 1).
+    """
+    if adapter is None:
+        return None
+    if adapter.endswith((".toml", ".json")) or os.sep in adapter:
+        if not Path(adapter).is_file():
+            raise UsageError(f"adapter spec file {adapter!r} does not exist")
+        return AdapterSpec.from_file(adapter)
+    from bridge_core.registry import get_registry
+
+    try:
+        get_registry().adapter(adapter)
+    except AdapterNotFoundError as exc:
+        raise UsageError(f"--adapter: {exc} (or a .toml/.json spec file)") from exc
+    return adapter
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+
+def takes_images(bridge: TransformerBridge) -> bool:
+    """Whether the model came with an image processor."""
+    return getattr(bridge.processor, "image_processor", None) is not None
+
+
+def load_image(path: Path | None) -> Image | None:
+    """Open the ``--image`` file (if any) as RGB.
+
+    Raises:
+        UsageError: the file is missing or is no image Pillow can read.
+    """
+    if path is None:
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise UsageError(f"image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        formats = "PNG, JPEG, GIF, BMP, TIFF, WebP, ..."
+        raise UsageError(
+            f"cannot read image {str(path)!r}: {type(exc).__name__}: {exc}. "
+            f"Accepted: an image file Pillow can open ({formats})"
+        ) from exc
+
+
+def generated_image(size: int = 64) -> Image:
+    """A deterministic RGB test image: red ramps left to right, green top to bottom."""
+    from PIL import Image
+
+    ramp = Image.linear_gradient("L").resize((size, size))
+    blue = Image.new("L", (size, size), 96)
+    return Image.merge("RGB", (ramp.rotate(90), ramp, blue))
+
+
+def with_image_token(processor: Any, prompt: str) -> str:
+    """`prompt` with the processor's image token: as given if it has one, else prepended
+    (through the chat template when the processor has one)."""
+    token = getattr(processor, "image_token", None)
+    if not isinstance(token, str) or token in prompt:
+        return prompt
+    if getattr(processor, "chat_template", None):
+        content = [{"type": "image"}, {"type": "text", "text": prompt}]
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        if isinstance(text, str) and token in text:
+            return text
+    return f"{token}\n{prompt}"
+
+
+def model_inputs(
+    bridge: TransformerBridge, prompt: str, image: Image | None
+) -> tuple[str, dict[str, Any]]:
+    """(the text fed to the model, HF forward keywords) for `prompt` and an optional image.
+
+    Raises:
+        UsageError: an image was given but the model takes none.
+    """
+    if image is None:
+        return prompt, bridge.prepare_inputs(prompt)
+    if not takes_images(bridge):
+        raise UsageError(
+            f"--image: {bridge.cfg.model_name or 'this model'} takes no images (no image "
+            "processor was saved with it); drop --image for a text-only model"
+        )
+    text = with_image_token(bridge.processor, prompt)
+    return text, bridge.prepare_inputs(text, images=[image])
+
+
+def inputs_for(
+    bridge: TransformerBridge, args: argparse.Namespace, image: Image | None, default_image: bool
+) -> tuple[str, dict[str, Any], str | None]:
+    """(text, HF forward keywords, image description) from ``--prompt`` and `image`.
+
+    Args:
+        image: the ``--image``, loaded (before booting, so that a bad file fails fast).
+        default_image: give a model that takes images a generated one if there is no
+            ``--image``.
+    """
+    described = None
+    if image is not None:
+        described = str(args.image)
+    elif default_image and takes_images(bridge):
+        image, described = generated_image(), "a generated 64x64 gradient"
+    prompt = args.prompt or (IMAGE_PROMPT if image is not None else TEXT_PROMPT)
+    text, inputs = model_inputs(bridge, prompt, image)
+    return text, inputs, described
+
+
+# -- names and summaries ---------------------------------------------------------------------
+
+
+def select_names(bridge: TransformerBridge, patterns: Sequence[str] | None) -> list[str] | None:
+    """Canonical hook names for ``--names`` (exact names, aliases or globs), in forward order.
+
+    Raises:
+        UsageError: a name or pattern matches no hook point.
+    """
+    if not patterns:
+        return None
+    canonical, aliases = list(bridge.hook_dict), bridge.hook_aliases()
+    chosen: set[str] = set()
+    for pattern in (p for item in patterns for p in item.split(",") if p):
+        if pattern in bridge.hook_dict or pattern in aliases:
+            chosen.add(aliases.get(pattern, pattern))
+            continue
+        found = set(fnmatch.filter(canonical, pattern))
+        found |= {aliases[a] for a in fnmatch.filter(aliases, pattern)}
+        if not found:
+            hint = did_you_mean(pattern, [*canonical, *aliases])
+            raise UsageError(
+                f"--names {pattern!r} matches no hook point of this model.{hint} Accepted: "
+                f"hook names or aliases such as {canonical[0]!r} or {canonical[-1]!r}, or glob "
+                f"patterns such as '*hook_out' (`{PROG} hooks MODEL` lists them all)"
+            )
+        chosen |= found
+    return [name for name in canonical if name in chosen]
+
+
+def shape(tensor: torch.Tensor) -> str:
+    """A shape as ``[1, 5, 64]``."""
+    return "[" + ", ".join(str(d) for d in tensor.shape) + "]"
+
+
+def norm(tensor: torch.Tensor) -> str:
+    """The Frobenius norm (4 significant digits), or '-' for integer tensors (token ids)."""
+    if not tensor.is_floating_point():
+        return "-"
+    return f"{tensor.float().norm().item():.4g}"
+
+
+def alias_index(bridge: TransformerBridge) -> dict[str, list[str]]:
+    """Canonical name -> its aliases."""
+    index: dict[str, list[str]] = {}
+    for alias, target in bridge.hook_aliases().items():
+        index.setdefault(target, []).append(alias)
+    return index
+
+
+def activation_rows(
+    bridge: TransformerBridge, cache: ActivationCache, names: Sequence[str]
+) -> list[tuple[str, str, str, str, str]]:
+    """(name, aliases, shape, dtype, norm) rows for the cached `names`."""
+    aliases = alias_index(bridge)
+    rows = []
+    for name in names:
+        if name in cache:
+            t = cache[name]
+            dtype = str(t.dtype).removeprefix("torch.")
+            rows.append((name, ", ".join(aliases.get(name, [])), shape(t), dtype, norm(t)))
+    return rows
