@@ -102,7 +102,9 @@ def load_tokenizer_and_processor(source: str) -> tuple[Any, Any]:
 
 def _real(tokenizer: Any) -> Any:
     """The tokenizer, or None for the empty one transformers makes when no files exist."""
-    return tokenizer if tokenizer is not None and getattr(tokenizer, "vocab_size", 1) else None
+    if tokenizer is None or getattr(tokenizer, "vocab_size", None) == 0:
+        return None
+    return tokenizer
 
 
 def _source(model_name_or_path: str | Path) -> str:
