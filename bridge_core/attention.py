@@ -187,13 +187,19 @@ def hooked_pattern(
         scores = scores + mask
     edited = False
     if "scores" in routes:
-        hooked = routes["scores"](scores)
-        edited, scores = hooked is not scores, hooked
+        scores, edited = _through(routes["scores"], scores)
     pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if "pattern" in routes:
-        hooked = routes["pattern"](pattern)
-        edited, pattern = edited or hooked is not pattern, hooked
+        pattern, changed = _through(routes["pattern"], pattern)
+        edited = edited or changed
     return pattern, edited
+
+
+def _through(run: Run, tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Run the hooks on `tensor`; whether they replaced it or edited it in place."""
+    version = tensor._version
+    hooked = run(tensor)
+    return hooked, hooked is not tensor or tensor._version != version
 
 
 def _additive_mask(

@@ -53,7 +53,10 @@ class TransformerBridge(nn.Module):
         built = Assembler(adapter, model, cfg, registry or get_registry()).build()
         for name in built:
             if hasattr(TransformerBridge, name) or name in ("original_model", "adapter", "cfg"):
-                raise SpecError(f"adapter spec {adapter.name!r}: component name {name!r} is taken")
+                raise SpecError(
+                    f"adapter spec {adapter.name!r} (model {type(model).__name__}): component "
+                    f"name {name!r} is taken by a TransformerBridge attribute"
+                )
         self._names: HookNames = collect_names(built, adapter)
         for name, component in built.items():
             self.add_module(name, component)
@@ -402,7 +405,14 @@ def _saver(store: dict[str, torch.Tensor], key: str, device: Any, remove_batch_d
         value = tensor.detach()
         if device is not None:
             value = value.to(device)
-        store[key] = value[0] if remove_batch_dim else value
+        if remove_batch_dim:
+            if value.shape[0] != 1:
+                raise InputError(
+                    f"remove_batch_dim=True needs a batch of one; {hook.name!r} has batch "
+                    f"size {value.shape[0]}"
+                )
+            value = value[0]
+        store[key] = value
 
     return save
 

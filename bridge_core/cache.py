@@ -14,9 +14,9 @@ if TYPE_CHECKING:
 
 PosSlice = int | slice | list[int] | torch.Tensor | None
 
-_ATTN = {"q", "k", "v", "z", "pattern", "attn_scores", "result", "rot_q", "rot_k"}
-_MLP = {"pre", "post", "pre_linear", "mid"}
-_NORM = {"normalized", "scale"}
+_ATTN = {"q", "k", "v", "z", "pattern", "attn_scores"}
+_MLP = {"pre", "post", "pre_linear"}
+_NORM = {"normalized"}
 _SHORT = {"a": "attn", "m": "mlp", "attention": "attn"}
 
 
@@ -62,16 +62,27 @@ class ActivationCache:
 
     def _key(self, key: str | tuple[Any, ...]) -> str:
         name = act_name(*key) if isinstance(key, tuple) else key
-        if name in self.cache_dict:
-            return name
-        canonical = self.model._names.aliases.get(name, name)
-        if canonical in self.cache_dict:
-            return canonical
+        for candidate in (name, self._canonical(name)):
+            if candidate in self.cache_dict:
+                return candidate
+        if isinstance(key, str) and "." not in key and not key.startswith("hook_"):
+            try:  # TransformerLens shorthand without a layer: "embed", "normalized"
+                return self._key(act_name(key))
+            except InputError:
+                pass
         known = [*self.cache_dict, *self.model._names.aliases]
         raise HookNameError(
             f"{name!r} is not in this cache.{did_you_mean(name, known)} "
             "Pass it in names_filter to cache it."
         )
+
+    def _canonical(self, name: str) -> str:
+        """The canonical name of an alias (also of ``<alias>_grad``)."""
+        aliases = self.model._names.aliases
+        base = name.removesuffix("_grad")
+        if base != name and base in aliases:
+            return aliases[base] + "_grad"
+        return aliases.get(name, name)
 
     def __getitem__(self, key: str | tuple[Any, ...]) -> torch.Tensor:
         if isinstance(key, tuple) and len(key) > 1 and isinstance(key[1], int) and key[1] < 0:

@@ -23,8 +23,9 @@ class HookNames:
         canonical = self.aliases.get(target, target)
         if canonical not in self.points:
             raise HookNameError(f"alias {alias!r} points at {target!r}, which is no hook point")
-        if alias not in self.points:
-            self.aliases[alias] = canonical
+        if alias in self.points:
+            raise HookNameError(f"alias {alias!r} is already a canonical hook name")
+        self.aliases[alias] = canonical
 
     def all_names(self) -> list[str]:
         """Canonical names followed by aliases."""

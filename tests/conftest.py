@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-from bridge_adapters import tiny
 
+from bridge_adapters import tiny
 from bridge_core import TransformerBridge
 from bridge_core.registry import reset_registry
 

@@ -57,7 +57,7 @@ def test_attention_pattern_equals_hf_eager_attentions(
 
 
 def test_component_hooks_equal_plain_torch_hooks(model_and_bridge: Any, ids: torch.Tensor) -> None:
-    model, bridge = model_and_bridge
+    _, bridge = model_and_bridge
     seen: dict[str, torch.Tensor] = {}
     block = bridge.blocks[1]
     modules = {

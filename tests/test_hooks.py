@@ -137,7 +137,7 @@ def test_hooks_removed_when_the_forward_raises(gpt2_bridge: TransformerBridge) -
 
 
 def test_unknown_hook_name_has_did_you_mean(gpt2_bridge: TransformerBridge) -> None:
-    with pytest.raises(HookNameError, match="blocks.0.hook_resid_pre"):
+    with pytest.raises(HookNameError, match=r"blocks\.0\.hook_resid_pre"):
         gpt2_bridge.run_with_hooks(
             torch.zeros(1, 3, dtype=torch.long), fwd_hooks=[("blocks.0.hook_resid_per", zero)]
         )
@@ -229,3 +229,25 @@ def test_gradients_flow_through_edits(gpt2_bridge: TransformerBridge, ids: torch
 def test_incl_bwd_needs_a_loss(gpt2_bridge: TransformerBridge, ids: torch.Tensor) -> None:
     with pytest.raises(InputError, match="return_type='loss'"):
         gpt2_bridge.run_with_cache(ids, incl_bwd=True)
+
+
+def test_in_place_pattern_edit_counts(gpt2_bridge: TransformerBridge, ids: torch.Tensor) -> None:
+    def zero_head_0(pattern: torch.Tensor, hook: HookPoint) -> None:
+        pattern[:, 0] = 0  # TransformerLens habit: edit in place, return None
+
+    with torch.no_grad():
+        plain = gpt2_bridge(ids)
+        edited = gpt2_bridge.run_with_hooks(
+            ids, fwd_hooks=[("blocks.0.attn.hook_pattern", zero_head_0)]
+        )
+        expected = gpt2_bridge.run_with_hooks(
+            ids,
+            fwd_hooks=[
+                (
+                    "blocks.0.attn.hook_pattern",
+                    lambda p, hook: p * (torch.arange(p.shape[1]) != 0)[:, None, None],
+                )
+            ],
+        )
+    assert not torch.allclose(edited, plain)
+    assert torch.equal(edited, expected)

@@ -69,7 +69,8 @@ def test_unknown_kind_names_spec_key_and_kinds(
     model, _ = text_models["gpt2"]
     with pytest.raises(
         SpecError,
-        match=r"'gpt2', components\.blocks\[0\]\.submodules\.attn.*'atention'.*Did you mean 'attention'",
+        match=r"'gpt2', components\.blocks\[0\]\.submodules\.attn.*'atention'.*"
+        r"Did you mean 'attention'",
     ):
         TransformerBridge.wrap(model, adapter=_broken(gpt2_spec, kind="atention"))
 
@@ -102,7 +103,7 @@ def test_config_that_does_not_validate_quotes_values(
 
 
 def test_unknown_config_field_is_named() -> None:
-    with pytest.raises(ValueError, match="unknown TransformerBridgeConfig field.*d_modle"):
+    with pytest.raises(ValueError, match=r"unknown TransformerBridgeConfig field.*d_modle"):
         AdapterSpec.model_validate(
             {
                 "name": "x",
