@@ -208,7 +208,8 @@ OFFLINE_SCRIPT = textwrap.dedent(
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer,
                               LlavaForConditionalGeneration)
     from PIL import Image
-    text_id, llava_id, image_path, out_path = sys.argv[1:]
+    text_id, llava_id, image_path, out_path, threads = sys.argv[1:]
+    torch.set_num_threads(int(threads))  # bitwise equality needs the parent's reduction order
     assert AutoConfig.from_pretrained(text_id).model_type == "llama"
     tok = AutoTokenizer.from_pretrained(text_id)
     with torch.no_grad():
@@ -236,7 +237,7 @@ def test_hub_cache_offline_subprocess(tmp_path: Path) -> None:
     env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
     args = ["tiny/llama", "llava-hf/tiny-random-llava", str(image_path), str(out_path)]
     result = subprocess.run(
-        [sys.executable, "-c", OFFLINE_SCRIPT, *args],
+        [sys.executable, "-c", OFFLINE_SCRIPT, *args, str(torch.get_num_threads())],
         env=env,
         cwd=tmp_path,
         capture_output=True,
