@@ -50,7 +50,10 @@ def boot(
     model_class = _model_class(spec, config)
     if dtype is not None:
         from_pretrained_kwargs["dtype"] = dtype
-    model = model_class.from_pretrained(source, config=config, **from_pretrained_kwargs)
+    try:
+        model = model_class.from_pretrained(source, config=config, **from_pretrained_kwargs)
+    except OSError as exc:
+        raise BootError(f"cannot load the weights of {source!r}: {exc}") from exc
     if device is not None:
         model = model.to(device)
     cfg = spec.bridge_config(
@@ -131,7 +134,12 @@ def _load_config(source: str, kwargs: dict[str, Any]) -> Any:
     config_kwargs = {k: kwargs[k] for k in shared if k in kwargs}
     try:
         return AutoConfig.from_pretrained(source, **config_kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        if Path(source).is_dir():
+            raise BootError(
+                f"cannot boot {source!r}: the directory holds no readable HF model config "
+                f"(config.json). ({exc})"
+            ) from exc
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         where = "in the Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the hub"
         raise BootError(

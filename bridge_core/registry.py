@@ -60,7 +60,9 @@ class Registry:
         """
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
-        self._autoload = autoload if autoload is not None else not os.environ.get(AUTOLOAD_ENV)
+        if autoload is None:
+            autoload = os.environ.get(AUTOLOAD_ENV, "").lower() in ("", "0", "false", "no")
+        self._autoload = autoload
         self._loaded = False
         self._info: dict[str, PluginInfo] = {}
         self._contributions: dict[str, _Contribution] = {}
@@ -101,6 +103,7 @@ class Registry:
 
     def adapter_source(self, adapter_name: str) -> PluginInfo:
         """The plugin that contributed the adapter named `adapter_name`."""
+        self._ensure_loaded()
         for plugin, contribution in self._contributions.items():
             if any(spec.name == adapter_name for spec in contribution.adapters):
                 return self._info[plugin]
@@ -210,9 +213,15 @@ class Registry:
         self, plugin: object, name: str | None, info: PluginInfo | None = None, strict: bool = True
     ) -> str:
         """Register `plugin`; a conflict is raised if `strict`, else reported and kept."""
+        taken = name is not None and self._pm.has_plugin(name)
+        if taken or self._pm.is_registered(plugin):
+            raise PluginLoadError(
+                f"plugin {name or plugin!r} is already registered; unregister({name!r}) first "
+                "to replace it"
+            )
         registered = self._pm.register(plugin, name)
-        if registered is None:
-            raise PluginLoadError(f"plugin {name or plugin!r} is already registered")
+        if registered is None:  # blocked with pm.set_blocked
+            raise PluginLoadError(f"plugin {name or plugin!r} is blocked")
         try:
             contribution = self._collect(registered)
             self._check_conflicts(registered, contribution)
@@ -306,8 +315,8 @@ class Registry:
         same_type = [s.name for s in specs if model_type and model_type in s.model_types]
         if same_type:
             message += (
-                f" Adapter {same_type[0]!r} handles model_type {model_type!r}: pass "
-                f"adapter={same_type[0]!r} to use it."
+                f" Adapter {same_type[0]!r} handles other architectures of model_type "
+                f"{model_type!r}: pass adapter={same_type[0]!r} to try it."
             )
         return message + f" Known adapters: {', '.join(sorted(s.name for s in specs))}"
 
