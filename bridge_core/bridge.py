@@ -5,25 +5,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import torch
 from torch import nn
 
 from bridge_core import tokens
-from bridge_core.assembly import Assembler, collect_names
 from bridge_core.cache import ActivationCache
 from bridge_core.components.base import GeneralizedComponent
-from bridge_core.config import TransformerBridgeConfig
 from bridge_core.errors import InputError, SpecError
 from bridge_core.hooks import HookFn, HookHandle, HookPoint
 from bridge_core.naming import HookNames, NamesFilter
-from bridge_core.registry import Registry, get_registry
-from bridge_core.spec import AdapterSpec
+
+if TYPE_CHECKING:  # pydantic-backed: imported by the first wrap/boot, not with the package
+    from bridge_core.config import TransformerBridgeConfig
+    from bridge_core.registry import Registry
+    from bridge_core.spec import AdapterSpec
 
 HookSpec = tuple[str | Callable[[str], bool], HookFn]
 ReturnType = Literal["logits", "loss", "both", "raw"] | None
-AdapterArg = str | Path | AdapterSpec | None
+AdapterArg: TypeAlias = "str | Path | AdapterSpec | None"
 
 
 class TransformerBridge(nn.Module):
@@ -43,6 +44,9 @@ class TransformerBridge(nn.Module):
         registry: Registry | None = None,
     ) -> None:
         """Build the component tree of `adapter` over `model` (use `boot`/`wrap` instead)."""
+        from bridge_core.assembly import Assembler, collect_names
+        from bridge_core.registry import get_registry
+
         super().__init__()
         self.original_model = model
         self.adapter = adapter
@@ -95,6 +99,7 @@ class TransformerBridge(nn.Module):
     ) -> TransformerBridge:
         """Bridge an HF model already in memory; the adapter comes from its config by default."""
         from bridge_core.loading import choose_adapter
+        from bridge_core.registry import get_registry
 
         registry = get_registry()
         spec = choose_adapter(
@@ -352,8 +357,12 @@ class TransformerBridge(nn.Module):
             raise InputError("incl_bwd=True differentiates the loss: pass return_type='loss'")
         store: dict[str, torch.Tensor] = {}
         fwd = [(n, _saver(store, n, device, remove_batch_dim)) for n in selected]
-        bwd = [(n, _saver(store, f"{n}_grad", device, remove_batch_dim)) for n in selected]
-        with self.hooks(fwd, bwd if incl_bwd else ()):
+        bwd = (
+            [(n, _saver(store, f"{n}_grad", device, remove_batch_dim)) for n in selected]
+            if incl_bwd
+            else []
+        )
+        with self.hooks(fwd, bwd):
             output = self(*args, **kwargs)
             if incl_bwd:
                 loss = output[1] if isinstance(output, tuple) else output

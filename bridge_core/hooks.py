@@ -26,6 +26,7 @@ Run = Callable[[torch.Tensor], torch.Tensor]
 Direction = Literal["fwd", "bwd"]
 
 _LAYER = re.compile(r"\.(\d+)\.")
+_PLAIN_STATE = frozenset({"name", "ctx", "_fwd", "_bwd", "_tap", "_attached"})
 
 
 class Handle(Protocol):
@@ -181,6 +182,14 @@ class HookPoint(nn.Module):
         self._bwd: list[_Hook] = []
         self._tap: Tap | None = None
         self._attached: Handle | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Plain state (never a Module, Parameter or Tensor) skips nn.Module.__setattr__'s
+        # registration checks: it is set on every hook added or removed, and 200+ times a wrap.
+        if name in _PLAIN_STATE:
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
 
     def bind(self, tap: Tap) -> None:
         """Connect this hook point to the forward pass through `tap`."""
