@@ -1,0 +1,35 @@
+"""The benchmark script keeps working: one round on the tiny model (no timed assertions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_benchmark_runs_and_its_checks_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))  # benchmarks/ is not an installed package
+    from benchmarks.run import main
+
+    threads = torch.get_num_threads()
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads  # the smoke run uses one thread, then restores
+
+    table = capsys.readouterr().out
+    assert "| tiny | forward, no hooks |" in table
+    assert "`import bridge_core` after torch + transformers" in table
+    result = json.loads((tmp_path / "latest.json").read_text())
+    tiny = result["models"]["tiny"]
+    assert tiny["checks"]["forward_bitwise_equal"]
+    assert all(tiny["checks"].values()), tiny["checks"]
+    for variant in ("hf_forward", "bridge_forward", "bridge_cache_all", "bridge_boot"):
+        assert tiny["timings"][variant]["median_s"] > 0
+    assert tiny["cache"]["unique_bytes"] <= tiny["cache"]["bytes_if_aliases_stored_separately"]
+    assert tiny["memory"]["bridge_cache_all"]["peak_bytes"] >= 0
+    assert len(result["process"]["import_s"]) == 1
