@@ -13,7 +13,7 @@ from torch import nn
 from bridge_core import tokens
 from bridge_core.cache import ActivationCache
 from bridge_core.components.base import GeneralizedComponent
-from bridge_core.errors import InputError, SpecError
+from bridge_core.errors import HookNameError, InputError, SpecError, did_you_mean
 from bridge_core.hooks import HookFn, HookHandle, HookPoint
 from bridge_core.naming import HookNames, NamesFilter
 
@@ -101,6 +101,10 @@ class TransformerBridge(nn.Module):
         from bridge_core.loading import choose_adapter
         from bridge_core.registry import get_registry
 
+        if getattr(model, "config", None) is None:
+            raise InputError(
+                f"wrap needs an HF model with a .config; {type(model).__name__} has none"
+            )
         registry = get_registry()
         spec = choose_adapter(
             getattr(model, "config", None), adapter, registry, type(model).__name__
@@ -161,9 +165,15 @@ class TransformerBridge(nn.Module):
 
     def component(self, name: str) -> GeneralizedComponent:
         """The component at a dotted bridge path (``"blocks.3.attn"``)."""
-        found = self.get_submodule(name)
+        try:
+            found = self.get_submodule(name)
+        except AttributeError:
+            found = None
         if not isinstance(found, GeneralizedComponent):
-            raise KeyError(f"{name!r} is not a component of this bridge")
+            known = [n for n, m in self.named_modules() if isinstance(m, GeneralizedComponent)]
+            raise HookNameError(
+                f"{name!r} is not a component of this bridge.{did_you_mean(name, known)}"
+            )
         return found
 
     @property
@@ -200,8 +210,17 @@ class TransformerBridge(nn.Module):
         Returns:
             What `return_type` asks for.
         """
+        if return_type not in ("logits", "loss", "both", "raw", None):
+            raise InputError(
+                f"return_type must be 'logits', 'loss', 'both', 'raw' or None (got {return_type!r})"
+            )
         kwargs = self.prepare_inputs(input, images, prepend_bos, padding_side, **kwargs)
         if return_type in ("loss", "both") and "labels" not in kwargs:
+            if "input_ids" not in kwargs:
+                raise InputError(
+                    f"return_type={return_type!r} without labels= is the next-token loss on "
+                    "input_ids; pass input_ids or labels"
+                )
             kwargs["labels"] = kwargs["input_ids"]
         output = self.original_model(*args, **kwargs)
         if return_type == "raw":
@@ -211,13 +230,7 @@ class TransformerBridge(nn.Module):
         logits = output.logits if hasattr(output, "logits") else output[0]
         if return_type == "logits":
             return logits
-        if return_type == "loss":
-            return output.loss
-        if return_type == "both":
-            return logits, output.loss
-        raise InputError(
-            f"return_type must be 'logits', 'loss', 'both', 'raw' or None (got {return_type!r})"
-        )
+        return output.loss if return_type == "loss" else (logits, output.loss)
 
     def prepare_inputs(
         self,
@@ -251,6 +264,8 @@ class TransformerBridge(nn.Module):
                 raise InputError("images= needs text input (with its image tokens)")
             return kwargs
         if isinstance(input, torch.Tensor):
+            if images is not None:
+                raise InputError("images= goes with text input; with ids, pass pixel_values=")
             if "input_ids" in kwargs:
                 raise InputError("input ids given twice: positionally and as input_ids=")
             return {"input_ids": input, **kwargs}
@@ -392,7 +407,7 @@ class TransformerBridge(nn.Module):
         """Each token as a string (a list per sequence for a batch)."""
         ids = input if isinstance(input, torch.Tensor) else self.to_tokens(input, prepend_bos)
         rows = [ids.tolist()] if ids.dim() == 1 else ids.tolist()
-        strs = [[str(self.tokenizer.decode([t])) for t in row] for row in rows]
+        strs = [[str(tokens.decode(self.tokenizer, [t])) for t in row] for row in rows]
         return strs[0] if ids.dim() == 1 or (len(strs) == 1 and isinstance(input, str)) else strs
 
     def to_string(self, tokens_: torch.Tensor | Sequence[int]) -> str | list[str]:

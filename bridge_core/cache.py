@@ -180,15 +180,15 @@ class ActivationCache:
             if incl_mid:
                 parts.append(self["resid_mid", i])
                 labels.append(f"{i}_mid")
-        if mlp_input and layer < n_layers:
-            parts.append(self["resid_mid", layer])
-            labels.append(f"{layer}_mid")
         if layer == n_layers:
             parts.append(self["resid_post", n_layers - 1])
             labels.append("final_post")
         else:
             parts.append(self["resid_pre", layer])
             labels.append(f"{layer}_pre")
+            if mlp_input:
+                parts.append(self["resid_mid", layer])
+                labels.append(f"{layer}_mid")
         stack = _slice_pos(torch.stack(parts), pos_slice)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice)
@@ -227,6 +227,8 @@ class ActivationCache:
             if mode in ("all", "mlp") and i < layer:
                 parts.append(self["mlp_out", i])
                 labels.append(f"{i}_mlp_out")
+        if not parts:
+            raise InputError(f"decompose_resid(layer={layer}) selects no component")
         shape = max((p.shape for p in parts), key=lambda s: s.numel())  # pos_embed: [1, pos, d]
         stack = _slice_pos(torch.stack([p.expand(shape) for p in parts]), pos_slice)
         if apply_ln:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from bridge_core import tokens
+from bridge_core.errors import InputError
 
 if TYPE_CHECKING:
     from bridge_core.bridge import HookSpec, TransformerBridge
@@ -51,5 +52,7 @@ def generate(
     wants_text = return_type == "str" or (return_type is None and isinstance(input, str | list))
     if not wants_text:
         return sequences
+    if bridge.tokenizer is None:
+        raise InputError("return_type='str' needs a tokenizer; this bridge has none")
     texts = [str(bridge.tokenizer.decode(row, skip_special_tokens=True)) for row in sequences]
     return texts[0] if isinstance(input, str) else texts

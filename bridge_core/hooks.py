@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from bridge_core.errors import HookReturnError
+from bridge_core.errors import BridgeError, HookReturnError, InputError
 
 HookFn = Callable[..., torch.Tensor | None]
 """A TransformerLens hook: ``fn(tensor, hook) -> tensor | None``."""
@@ -206,9 +206,9 @@ class HookPoint(nn.Module):
             A handle whose `remove()` takes this one hook away again.
         """
         if dir not in ("fwd", "bwd"):
-            raise ValueError(f"hook direction must be 'fwd' or 'bwd', got {dir!r}")
+            raise InputError(f"hook direction must be 'fwd' or 'bwd', got {dir!r}")
         if self._tap is None:
-            raise RuntimeError(f"hook point {self.name!r} is not bound to a module")
+            raise BridgeError(f"hook point {self.name!r} is not bound to a module")
         if self._attached is None:  # attach first: if the tap refuses, nothing is left behind
             self._attached = self._tap.attach(self._run)
         hook = _Hook(fn, is_permanent)
@@ -261,9 +261,12 @@ class HookPoint(nn.Module):
             if result is not None:
                 self._check(result, x, hook.fn)
                 x = result
-        for hook in list(self._bwd):
-            if x.requires_grad:
-                register: Callable[..., Any] = x.register_hook  # untyped in torch
+        if self._bwd and x.requires_grad:
+            # a fresh view that the forward goes on with: views the taps make (heads, slices,
+            # patterns) are otherwise not part of the graph, and would never see a gradient
+            x = x.view_as(x)
+            register: Callable[..., Any] = x.register_hook  # untyped in torch
+            for hook in list(self._bwd):
                 register(_grad_hook(hook.fn, self))
         return x
 

@@ -22,7 +22,7 @@ def register_adapters() -> Iterable[AdapterSpec]:  # type: ignore[empty-body]  #
 
 
 @hookspec
-def register_components() -> Mapping[str, type[GeneralizedComponent]]:  # type: ignore[empty-body]
+def register_components() -> Mapping[str, type[GeneralizedComponent]]:  # type: ignore[empty-body]  # a declaration
     """Return the component kinds this plugin contributes, by kind name."""
 
 

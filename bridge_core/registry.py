@@ -219,7 +219,10 @@ class Registry:
                 f"plugin {name or plugin!r} is already registered; unregister({name!r}) first "
                 "to replace it"
             )
-        registered = self._pm.register(plugin, name)
+        try:
+            registered = self._pm.register(plugin, name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginLoadError(f"plugin {name or plugin!r}: {exc}") from exc
         if registered is None:  # blocked with pm.set_blocked
             raise PluginLoadError(f"plugin {name or plugin!r} is blocked")
         try:
@@ -230,7 +233,6 @@ class Registry:
                 self._pm.unregister(name=registered)
                 raise
             self._report(registered, conflict)  # kept: looking the architecture up raises
-            contribution = self._collect(registered)
         except BaseException:
             self._pm.unregister(name=registered)
             raise

@@ -116,3 +116,10 @@ def test_remove_batch_dim_needs_a_batch_of_one(gpt2_bridge: TransformerBridge) -
     with pytest.raises(InputError, match=r"batch of one.*batch size 2"):
         gpt2_bridge.run_with_cache(torch.zeros(2, 3, dtype=torch.long), remove_batch_dim=True)
     assert not any(p.has_hooks for p in gpt2_bridge.hook_dict.values())
+
+
+def test_accumulated_resid_for_the_mlp_input_ends_with_resid_mid(gpt2_run: tuple) -> None:
+    _, cache = gpt2_run
+    stack, labels = cache.accumulated_resid(layer=1, mlp_input=True, return_labels=True)
+    assert labels == ["0_pre", "1_pre", "1_mid"]
+    assert torch.equal(stack[-1], cache["resid_mid", 1])

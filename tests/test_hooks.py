@@ -251,3 +251,29 @@ def test_in_place_pattern_edit_counts(gpt2_bridge: TransformerBridge, ids: torch
         )
     assert not torch.allclose(edited, plain)
     assert torch.equal(edited, expected)
+
+
+def test_incl_bwd_gives_gradients_of_head_and_pattern_hooks(
+    llama_bridge: TransformerBridge, ids: torch.Tensor
+) -> None:
+    names = ["blocks.0.attn.hook_q", "blocks.0.attn.hook_v", "blocks.0.attn.hook_pattern"]
+    _, cache = llama_bridge.run_with_cache(
+        ids, return_type="loss", incl_bwd=True, names_filter=names
+    )
+    for name in names:
+        grad = cache[f"{name}_grad"]
+        assert grad.shape == cache[name].shape and grad.abs().sum() > 0, name
+    llama_bridge.original_model.zero_grad(set_to_none=True)
+
+
+def test_bad_inputs_are_our_errors(gpt2_bridge: TransformerBridge, ids: torch.Tensor) -> None:
+    embeds = torch.zeros(1, 3, 64)
+    with pytest.raises(InputError, match="input_ids"):
+        gpt2_bridge(inputs_embeds=embeds, return_type="loss")
+    with pytest.raises(InputError, match="images="):
+        gpt2_bridge(ids, images=[object()])
+    with pytest.raises(HookNameError, match=r"Did you mean 'blocks\.0\.attn'"):
+        gpt2_bridge.component("blocks.0.atn")
+    with pytest.raises(InputError, match="'fwd' or 'bwd'"):
+        gpt2_bridge.add_hook("hook_embed", zero, dir="backward")  # type: ignore[arg-type]  # bad on purpose
+    assert no_hooks(gpt2_bridge)
