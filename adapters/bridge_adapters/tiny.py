@@ -12,7 +12,7 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final, Protocol, TypedDict, TypeVar
+from typing import Final, Protocol, TypedDict, TypeVar, Unpack
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -84,21 +84,6 @@ class _Saveable(Protocol):
 
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> object:
         """Save to a directory."""
-
-
-class _DecoderKwargs(TypedDict):
-    """Config keyword arguments shared by LlamaConfig, MistralConfig and Qwen2Config."""
-
-    num_hidden_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    intermediate_size: int
-    vocab_size: int
-    max_position_embeddings: int
-    bos_token_id: int | None
-    eos_token_id: int | None
-    pad_token_id: int | None
 
 
 def _special_tokens(
@@ -253,158 +238,90 @@ def tiny_gpt2(
     return init_model(GPT2LMHeadModel, config, seed), tokenizer
 
 
-def _decoder_kwargs(
-    tokenizer: PreTrainedTokenizerFast,
-    num_hidden_layers: int,
-    hidden_size: int,
-    num_attention_heads: int,
-    num_key_value_heads: int,
-    intermediate_size: int,
-    vocab_size: int,
-    max_position_embeddings: int,
-) -> _DecoderKwargs:
-    """Collect the Llama-family config arguments, with special-token ids from the tokenizer."""
-    return _DecoderKwargs(
-        num_hidden_layers=num_hidden_layers,
-        hidden_size=hidden_size,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        intermediate_size=intermediate_size,
-        vocab_size=vocab_size,
-        max_position_embeddings=max_position_embeddings,
+class DecoderSizes(TypedDict, total=False):
+    """Sizes of a tiny Llama-family model; every key is optional (defaults in `DECODER_SIZES`)."""
+
+    num_hidden_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+
+
+DECODER_SIZES: Final[DecoderSizes] = DecoderSizes(
+    num_hidden_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # grouped-query attention
+    intermediate_size=128,
+    vocab_size=512,
+    max_position_embeddings=128,
+)
+
+_Tok = TypeVar("_Tok", bound=PreTrainedTokenizerFast)
+
+
+def _decoder(
+    config_cls: Callable[..., _ConfigT],
+    model_cls: Callable[[_ConfigT], _ModelT],
+    tokenizer_for: Callable[[int], _Tok],
+    seed: int,
+    sizes: DecoderSizes,
+) -> tuple[_ModelT, _Tok]:
+    """Build a Llama-family model of `DECODER_SIZES` updated by `sizes`, and its tokenizer."""
+    values = DecoderSizes(**DECODER_SIZES)
+    values.update(sizes)
+    tokenizer = tokenizer_for(values["vocab_size"])
+    config = config_cls(
+        **values,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return init_model(model_cls, config, seed), tokenizer
+
+
+def _bos_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    return build_tokenizer(vocab_size, add_bos=True)
 
 
 def tiny_llama(
-    *,
-    num_hidden_layers: int = 2,
-    hidden_size: int = 64,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-    intermediate_size: int = 128,
-    vocab_size: int = 512,
-    max_position_embeddings: int = 128,
-    seed: int = 0,
+    *, seed: int = 0, **sizes: Unpack[DecoderSizes]
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """Build a tiny random Llama (grouped-query attention) and a BOS-prepending tokenizer.
 
     Args:
-        num_hidden_layers: Number of decoder layers.
-        hidden_size: Residual width.
-        num_attention_heads: Query heads.
-        num_key_value_heads: Key/value heads (GQA when below `num_attention_heads`).
-        intermediate_size: MLP hidden width.
-        vocab_size: Vocabulary size of tokenizer and model.
-        max_position_embeddings: Maximum sequence length.
         seed: Weight-initialisation seed.
+        **sizes: `DecoderSizes` to change (defaults: 2 layers, width 64, 4 query and 2
+            key/value heads, MLP 128, vocabulary 512, 128 positions).
 
     Returns:
         (model, tokenizer), the model float32 in eval mode.
     """
-    tokenizer = build_tokenizer(vocab_size, add_bos=True)
-    config = LlamaConfig(
-        **_decoder_kwargs(
-            tokenizer,
-            num_hidden_layers,
-            hidden_size,
-            num_attention_heads,
-            num_key_value_heads,
-            intermediate_size,
-            vocab_size,
-            max_position_embeddings,
-        )
-    )
-    return init_model(LlamaForCausalLM, config, seed), tokenizer
+    return _decoder(LlamaConfig, LlamaForCausalLM, _bos_tokenizer, seed, sizes)
 
 
 def tiny_mistral(
-    *,
-    num_hidden_layers: int = 2,
-    hidden_size: int = 64,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-    intermediate_size: int = 128,
-    vocab_size: int = 512,
-    max_position_embeddings: int = 128,
-    seed: int = 0,
+    *, seed: int = 0, **sizes: Unpack[DecoderSizes]
 ) -> tuple[MistralForCausalLM, PreTrainedTokenizerFast]:
     """Build a tiny random Mistral (GQA) and a BOS-prepending tokenizer.
 
     With equal arguments its weights and logits equal `tiny_llama`'s (same module shapes and
-    init order); pass another seed when the two must differ.
-
-    Args:
-        num_hidden_layers: Number of decoder layers.
-        hidden_size: Residual width.
-        num_attention_heads: Query heads.
-        num_key_value_heads: Key/value heads (GQA when below `num_attention_heads`).
-        intermediate_size: MLP hidden width.
-        vocab_size: Vocabulary size of tokenizer and model.
-        max_position_embeddings: Maximum sequence length.
-        seed: Weight-initialisation seed.
-
-    Returns:
-        (model, tokenizer), the model float32 in eval mode.
+    init order); pass another seed when the two must differ. Arguments as `tiny_llama`.
     """
-    tokenizer = build_tokenizer(vocab_size, add_bos=True)
-    config = MistralConfig(
-        **_decoder_kwargs(
-            tokenizer,
-            num_hidden_layers,
-            hidden_size,
-            num_attention_heads,
-            num_key_value_heads,
-            intermediate_size,
-            vocab_size,
-            max_position_embeddings,
-        )
-    )
-    return init_model(MistralForCausalLM, config, seed), tokenizer
+    return _decoder(MistralConfig, MistralForCausalLM, _bos_tokenizer, seed, sizes)
 
 
 def tiny_qwen2(
-    *,
-    num_hidden_layers: int = 2,
-    hidden_size: int = 64,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-    intermediate_size: int = 128,
-    vocab_size: int = 512,
-    max_position_embeddings: int = 128,
-    seed: int = 0,
+    *, seed: int = 0, **sizes: Unpack[DecoderSizes]
 ) -> tuple[Qwen2ForCausalLM, Qwen2Tokenizer]:
     """Build a tiny random Qwen2 (GQA, q/k/v biases) and a BOS-prepending Qwen2Tokenizer.
 
-    Args:
-        num_hidden_layers: Number of decoder layers.
-        hidden_size: Residual width.
-        num_attention_heads: Query heads.
-        num_key_value_heads: Key/value heads (GQA when below `num_attention_heads`).
-        intermediate_size: MLP hidden width.
-        vocab_size: Vocabulary size of tokenizer and model.
-        max_position_embeddings: Maximum sequence length.
-        seed: Weight-initialisation seed.
-
-    Returns:
-        (model, tokenizer), the model float32 in eval mode.
+    Arguments as `tiny_llama`.
     """
-    tokenizer = _qwen2_tokenizer(vocab_size)
-    config = Qwen2Config(
-        **_decoder_kwargs(
-            tokenizer,
-            num_hidden_layers,
-            hidden_size,
-            num_attention_heads,
-            num_key_value_heads,
-            intermediate_size,
-            vocab_size,
-            max_position_embeddings,
-        )
-    )
-    return init_model(Qwen2ForCausalLM, config, seed), tokenizer
+    return _decoder(Qwen2Config, Qwen2ForCausalLM, _qwen2_tokenizer, seed, sizes)
 
 
 def save_pretrained(
