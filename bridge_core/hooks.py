@@ -103,10 +103,12 @@ class InputTap:
     def _keyword(self, kwargs: dict[str, Any]) -> str:
         if isinstance(kwargs.get(self.arg), torch.Tensor):
             return self.arg
-        for name, value in kwargs.items():
-            if isinstance(value, torch.Tensor):
-                return name
-        raise TypeError(f"{type(self.module).__name__} was called without a tensor input to hook")
+        # guessing another tensor keyword could hook the attention mask instead of the input
+        raise BridgeError(
+            f"{type(self.module).__name__} was called without a positional tensor or the "
+            f"keyword {self.arg!r} (got keywords {sorted(kwargs)}); set the component class's "
+            "input_arg to the keyword its input arrives under"
+        )
 
 
 @dataclass(frozen=True)
