@@ -16,7 +16,7 @@ import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from bridge_core.errors import BridgeError
 from bridge_core.hooks import Handle, Run
 
 Which = Literal["scores", "pattern"]
+Kernel = Callable[..., tuple[torch.Tensor, Any]]
 _PREFIX = "transformer_bridge|"
 _SUPPORTED = ("sdpa", "eager")
 
@@ -118,16 +119,17 @@ def _register_router(original: str) -> None:
         AttentionMaskInterface.register(key, ALL_MASK_ATTENTION_FUNCTIONS[original])
 
 
-def _original_kernel(module: nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:
+def _original_kernel(module: nn.Module) -> Kernel:
     from transformers import AttentionInterface
 
     original = _SWITCHES[id(_config_of(module))].original
     if original != "eager":
-        return AttentionInterface._global_mapping[original]  # type: ignore[no-any-return]  # untyped dict
+        # typed differently across transformers 5.x (Any, then a plain function)
+        return cast(Kernel, AttentionInterface._global_mapping[original])
     kernel = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if kernel is None:
         raise BridgeError(f"{type(module).__module__} defines no eager_attention_forward")
-    return kernel  # type: ignore[no-any-return]  # module attribute
+    return cast(Kernel, kernel)
 
 
 def route_attention(
