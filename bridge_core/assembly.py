@@ -9,10 +9,11 @@ from torch import nn
 
 from bridge_core.components.base import GeneralizedComponent
 from bridge_core.errors import BridgeError, SpecError, did_you_mean
-from bridge_core.hooks import HookPoint
+from bridge_core.hooks import HookPoint, InputTap, OutputTap, Tap
 from bridge_core.naming import HookNames
 from bridge_core.registry import Registry
-from bridge_core.spec import AdapterSpec, ComponentSpec
+from bridge_core.spec import AdapterSpec, ComponentSpec, TapSpec, ViewSpec
+from bridge_core.views import Flatten, Reshape, Select, Split, Step, Tokens, Transpose, ViewTap
 
 Built = GeneralizedComponent | nn.ModuleList
 
@@ -69,15 +70,21 @@ class Assembler:
                 children[key] = child
         component = cls(name, config=self.config, submodules=children, options=spec.options)
         try:
+            for option in cls.size_options:
+                if option in spec.options and not isinstance(spec.options[option], list):
+                    component.size(spec.options[option], f"options.{option}")
             component.set_original_component(module)
-        except (KeyError, ValueError, AttributeError, TypeError) as exc:
+            _apply_hook_specs(component, spec, module)
+        except (KeyError, ValueError, AttributeError, TypeError, BridgeError) as exc:
+            if isinstance(exc, SpecError):
+                raise
             raise self._error(where, str(exc).strip("'\"")) from exc
         return component
 
     def _resolve(self, spec: ComponentSpec, parent: nn.Module, where: str) -> nn.Module | None:
         for path in spec.paths:
             try:
-                return parent.get_submodule(path)
+                return parent.get_submodule("" if path == "." else path)
             except AttributeError:
                 continue
         if spec.optional:
@@ -121,6 +128,94 @@ class Assembler:
         return SpecError(f"adapter spec {self.spec.name!r}, {where} (model {model}): {message}")
 
 
+def _apply_hook_specs(
+    component: GeneralizedComponent, spec: ComponentSpec, module: nn.Module
+) -> None:
+    """The spec's per-component hook settings: taps, removals, calls, collection, shapes."""
+    for attr, tap in spec.hooks.items():
+        point = getattr(component, attr, None)
+        if point is None:
+            point = HookPoint()
+            setattr(component, attr, point)
+            component.extra_hooks.append(attr)
+        elif not isinstance(point, HookPoint):
+            raise ValueError(
+                f"hooks.{attr}: {attr!r} is a {type(point).__name__}, not a hook point"
+            )
+        point._tap = None  # rebound below
+        point.bind(_tap(component, module, tap, attr))
+        point.shape = None  # a tap of the spec's own has the shape the spec documents
+    for attr, shape in spec.shapes.items():
+        point = getattr(component, attr, None)
+        if not isinstance(point, HookPoint):
+            raise ValueError(f"shapes.{attr}: {component.name!r} has no hook point {attr!r}")
+        point.shape = tuple(shape)
+    for name in spec.remove_hooks:
+        _remove(component, name)
+    if spec.calls != 1 or spec.collect != "list":
+        for sub in _walk_one(component):
+            for _, point in sub.own_hook_points():
+                point.calls, point.collect = spec.calls, spec.collect
+
+
+def _remove(component: GeneralizedComponent, name: str) -> None:
+    owner_path, _, attr = name.rpartition(".")
+    try:
+        owner = component.get_submodule(owner_path) if owner_path else component
+    except AttributeError:
+        owner = None
+    point = getattr(owner, attr, None) if owner is not None else None
+    if isinstance(point, HookPoint):
+        point._tap = None  # unbound points are not named, so they do not exist
+    elif name in component.hook_aliases:
+        component.removed_aliases.add(name)
+    else:
+        known = [n for n, _ in component.own_hook_points()] + list(component.hook_aliases)
+        raise ValueError(
+            f"remove_hooks: {name!r} is neither a hook point nor an alias of "
+            f"{component.name!r}.{did_you_mean(name, known)}"
+        )
+
+
+def _tap(component: GeneralizedComponent, module: nn.Module, spec: TapSpec, attr: str) -> Tap:
+    try:
+        target = module.get_submodule(spec.module)
+    except AttributeError:
+        children = [n for n, _ in module.named_children()]
+        raise ValueError(
+            f"hooks.{attr}.module: {spec.module!r} does not exist in {type(module).__name__}."
+            f"{did_you_mean(spec.module, children)} Its children: {children}"
+        ) from None
+    if spec.at == "output":
+        inner: Tap = OutputTap(target)
+    else:
+        default = component.input_arg if target is module else "hidden_states"
+        inner = InputTap(target, spec.arg or default)
+    if not spec.view:
+        return inner
+    steps = tuple(_step(component, module, step, f"hooks.{attr}.view") for step in spec.view)
+    return ViewTap(inner, steps)
+
+
+def _step(component: GeneralizedComponent, module: nn.Module, step: ViewSpec, where: str) -> Step:
+    def sizes(values: list[int | str]) -> tuple[int, ...]:
+        return tuple(component.size(v, f"{where}.{step.operation}") for v in values)
+
+    if step.split is not None and step.index is not None:
+        return Split(sizes(step.split), step.index)
+    if step.reshape is not None:
+        return Reshape(sizes(step.reshape))
+    if step.flatten is not None:
+        return Flatten(step.flatten)
+    if step.select is not None and step.dim is not None:
+        return Select(step.dim, step.select)
+    if step.transpose is not None:
+        return Transpose(step.transpose)
+    if step.tokens is not None:
+        return Tokens(module.get_submodule(step.tokens))
+    raise ValueError(f"{where}: an empty view step")  # excluded by ViewSpec's validation
+
+
 def walk(components: dict[str, Built]) -> Iterator[GeneralizedComponent]:
     """Every component, parents before their children, in spec order."""
     for entry in components.values():
@@ -144,6 +239,8 @@ def collect_names(components: dict[str, Built], spec: AdapterSpec) -> HookNames:
                 _name_points(component, names)
     for component in walk(components):
         for alias, target in component.hook_aliases.items():
+            if alias in component.removed_aliases:
+                continue
             full = f"{component.name}.{target}"
             if full in names.points or full in names.aliases:
                 names.add_alias(f"{component.name}.{alias}", full)
@@ -153,20 +250,21 @@ def collect_names(components: dict[str, Built], spec: AdapterSpec) -> HookNames:
 
 
 def _name_points(component: GeneralizedComponent, names: HookNames) -> None:
-    """hook_in, the internal hook points, the children's, then hook_out."""
-    own = ["hook_in", *component.internal_hooks]
-    for attr in own:
-        _add_point(names, component, attr)
+    """hook_in, the internal and spec-declared hook points, the children's, then hook_out."""
+    own = component.own_hook_points()
+    for attr, point in own[:-1] if own and own[-1][0] == "hook_out" else own:
+        _add_point(names, component, attr, point)
     for child in component.components():
         _name_points(child, names)
-    _add_point(names, component, "hook_out")
+    if own and own[-1][0] == "hook_out":
+        _add_point(names, component, *own[-1])
 
 
-def _add_point(names: HookNames, component: GeneralizedComponent, attr: str) -> None:
-    point = getattr(component, attr)
-    if isinstance(point, HookPoint) and point._tap is not None:
-        point.name = f"{component.name}.{attr}"
-        names.points[point.name] = point
+def _add_point(
+    names: HookNames, component: GeneralizedComponent, attr: str, point: HookPoint
+) -> None:
+    point.name = f"{component.name}.{attr}"
+    names.points[point.name] = point
 
 
 def _add_spec_alias(names: HookNames, alias: str, target: str, spec: AdapterSpec) -> None:

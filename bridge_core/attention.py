@@ -1,17 +1,22 @@
-"""Attention patterns on demand, without touching the model's kernel otherwise.
+"""Attention patterns (and rotated q/k) on demand, without touching the model's kernel otherwise.
 
 HF attention modules pick their kernel by name from ``config._attn_implementation``
 through transformers' public `AttentionInterface`. While a hook is attached to
-``hook_attn_scores`` or ``hook_pattern`` of some layer, we register (once) a routing
-implementation under our own key, point that layer's config at it, and restore the
-original name when the last such hook goes. The router runs an eager attention with
-the two hook points for the hooked modules only; every other module is handed to the
-original implementation with the original mask format, so it computes exactly what it
-computed before. Nothing in transformers is replaced.
+``hook_attn_scores``, ``hook_pattern``, ``hook_rot_q`` or ``hook_rot_k`` of some layer, we
+register (once) a routing implementation under our own key, point that layer's config at
+it, and restore the original name when the last such hook goes. The router runs the hooks
+for the hooked modules only; every other module is handed to the original implementation
+with the original mask format, so it computes exactly what it computed before.
+
+A module whose forward does not dispatch through the interface (it reads the kernel name
+itself, as Falcon's does) is refused when the hook is added: switching its kernel name
+would change what it computes. A module that still never calls the router while hooked
+raises at the end of its forward, so a pattern hook never silently fails to fire.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 import weakref
 from collections.abc import Callable
@@ -22,15 +27,26 @@ import torch
 from torch import nn
 
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, Run
+from bridge_core.hooks import Handle, Run, changed_since, first_tensor, replace_first, snapshot
 
-Which = Literal["scores", "pattern"]
+Which = Literal["scores", "pattern", "rot_q", "rot_k"]
 Kernel = Callable[..., tuple[torch.Tensor, Any]]
 _PREFIX = "transformer_bridge|"
 _SUPPORTED = ("sdpa", "eager")
+_DISPATCH = "ALL_ATTENTION_FUNCTIONS"
 
-# attention module -> the hook runs of its scores and pattern
-_ROUTES: weakref.WeakKeyDictionary[nn.Module, dict[str, Run]] = weakref.WeakKeyDictionary()
+
+@dataclass
+class _Route:
+    """The hook runs of one hooked attention module, and whether the router saw its call."""
+
+    runs: dict[str, Run] = field(default_factory=dict)
+    called: bool = False
+    checks: tuple[Handle, ...] = ()
+
+
+# attention module -> its route
+_ROUTES: weakref.WeakKeyDictionary[nn.Module, _Route] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -47,14 +63,23 @@ _SWITCHES: dict[int, _Switch] = {}
 
 @dataclass(frozen=True)
 class PatternTap:
-    """The attention scores (pre-softmax) or pattern of one HF attention module."""
+    """The attention scores (pre-softmax), the pattern, or the rotated q / k of one HF module.
+
+    Rotated q and k (``rot_q`` / ``rot_k``) are what the kernel receives, shown as
+    ``[batch, pos, head, d_head]``.
+    """
 
     module: nn.Module
     which: Which
 
     def attach(self, run: Run) -> Handle:
+        check_dispatch(self.module)
         _switch_on(self.module)
-        _ROUTES.setdefault(self.module, {})[self.which] = run
+        route = _ROUTES.get(self.module)
+        if route is None:
+            route = _ROUTES[self.module] = _Route()
+            route.checks = _watch(self.module, route)
+        route.runs[self.which] = run
         return _Detach(self.module, self.which)
 
 
@@ -64,11 +89,55 @@ class _Detach:
     which: Which
 
     def remove(self) -> None:
-        routes = _ROUTES.get(self.module, {})
-        routes.pop(self.which, None)
-        if not routes:
+        route = _ROUTES.get(self.module)
+        if route is None:
+            return
+        route.runs.pop(self.which, None)
+        if not route.runs:
+            for handle in route.checks:
+                handle.remove()
             _ROUTES.pop(self.module, None)
             _switch_off(self.module)
+
+
+def check_dispatch(module: nn.Module) -> None:
+    """Refuse a module whose forward does not pick its kernel through `AttentionInterface`.
+
+    Raises:
+        BridgeError: naming the module class and what would be needed.
+    """
+    _config_of(module)
+    forward = inspect.unwrap(type(module).forward)
+    code = getattr(forward, "__code__", None)
+    if code is None or _DISPATCH not in code.co_names:
+        raise BridgeError(
+            f"{type(module).__name__} ({type(module).__module__}) does not choose its kernel "
+            f"through transformers' AttentionInterface ({_DISPATCH}), so its attention pattern "
+            "cannot be computed without changing what it computes; hook_pattern, "
+            "hook_attn_scores and hook_rot_q/k are not available for it (an adapter can "
+            "provide a kernel for it as a component kind)"
+        )
+
+
+def _watch(module: nn.Module, route: _Route) -> tuple[Handle, ...]:
+    """Hooks that check each forward of `module` reached the router while it is hooked."""
+
+    def before(mod: nn.Module, args: Any) -> None:
+        route.called = False
+
+    def after(mod: nn.Module, args: Any, output: Any) -> None:
+        if route.runs and not route.called:
+            raise BridgeError(
+                f"{type(mod).__name__} ran without calling its attention kernel through "
+                "transformers' AttentionInterface, so its hook_pattern / hook_attn_scores / "
+                f"hook_rot_q/k hooks ({sorted(route.runs)}) could not fire; this module "
+                "cannot offer them"
+            )
+
+    return (
+        module.register_forward_pre_hook(before, prepend=True),
+        module.register_forward_hook(after),
+    )
 
 
 def _config_of(module: nn.Module) -> Any:
@@ -140,25 +209,60 @@ def route_attention(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scores and pattern hooks for hooked modules; the original kernel's output otherwise.
+    """Rotated q/k, scores and pattern hooks for hooked modules; the original kernel otherwise.
 
-    The pattern is computed as HF's eager attention computes it. While the hooks only
-    read it (caching), the module's output still comes from the original kernel, so
-    caching never changes the model's outputs; once a hook edits the scores or the
-    pattern, the output is computed from the edited pattern.
+    The pattern is computed as HF's eager attention computes it. While the hooks leave it
+    as it is (reading it, or returning an equal tensor), the module's output still comes
+    from the original kernel, so observing never changes the model's outputs; once a hook
+    changes the scores or the pattern, the output is computed from the edited pattern.
     """
     original = _original_kernel(module)
-    routes = _ROUTES.get(module)
-    if routes is None:
+    route = _ROUTES.get(module)
+    if route is None or not route.runs:
         return original(module, query, key, value, attention_mask, **kwargs)
-    pattern, edited = hooked_pattern(module, query, key, attention_mask, routes, **kwargs)
-    if not edited:
-        output, _ = original(module, query, key, value, attention_mask, **kwargs)
-        return output, pattern
+    route.called = True
+    runs = route.runs
+    if "rot_q" in runs:
+        query = _through_heads(runs["rot_q"], query)
+    if "rot_k" in runs:
+        key = _through_heads(runs["rot_k"], key)
+    if "scores" not in runs and "pattern" not in runs:
+        return original(module, query, key, value, attention_mask, **kwargs)
+    pattern, edited, replaced = hooked_pattern(module, query, key, attention_mask, runs, **kwargs)
+    if edited:
+        return _from_pattern(module, pattern, value, kwargs), pattern
+    output, _ = original(module, query, key, value, attention_mask, **kwargs)
+    if replaced and pattern.requires_grad and torch.is_grad_enabled():  # backward hooks
+        output = exact_with_grad(output, _from_pattern(module, pattern, value, kwargs))
+    return output, pattern
+
+
+def _from_pattern(
+    module: nn.Module, pattern: torch.Tensor, value: torch.Tensor, kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """Eager attention's output ``[batch, pos, head, d_head]`` from the (hooked) pattern."""
     if value.shape[1] != pattern.shape[1]:
         value = value.repeat_interleave(pattern.shape[1] // value.shape[1], dim=1)
     weights = nn.functional.dropout(pattern, p=kwargs.get("dropout", 0.0), training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), pattern
+    return torch.matmul(weights, value).transpose(1, 2).contiguous()
+
+
+def exact_with_grad(exact: torch.Tensor, differentiable: torch.Tensor) -> torch.Tensor:
+    """`exact`'s values with `differentiable`'s gradient.
+
+    Backward hooks on a pattern (or per-head results) need the output computed from it to
+    be in the autograd graph; the original kernel computes the same output to the last bit
+    differently. ``d - d.detach()`` is exactly zero, so the sum has the kernel's values and
+    the gradient of the computation through the hooked tensor.
+    """
+    return exact.detach() + (differentiable - differentiable.detach())
+
+
+def _through_heads(run: Run, states: torch.Tensor) -> torch.Tensor:
+    """Run hooks on a kernel input ``[batch, head, pos, d]``, shown as ``[batch, pos, head, d]``."""
+    shown = states.transpose(1, 2)
+    new = run(shown)
+    return states if new is shown else new.transpose(1, 2)
 
 
 def hooked_pattern(
@@ -171,11 +275,12 @@ def hooked_pattern(
     softcap: float | None = None,
     is_causal: bool | None = None,
     **kwargs: Any,
-) -> tuple[torch.Tensor, bool]:
+) -> tuple[torch.Tensor, bool, bool]:
     """HF's eager attention pattern (``[batch, head, q_pos, k_pos]``) through the hooks.
 
     Returns:
-        (pattern, whether a hook replaced the scores or the pattern)
+        (pattern, whether a hook changed the scores or the pattern, whether the hooks
+        handed on another tensor — an equal one, or a view carrying backward hooks)
     """
     n_rep = query.shape[1] // key.shape[1]
     if n_rep > 1:  # grouped-query attention: share each key/value head
@@ -184,27 +289,35 @@ def hooked_pattern(
     scores = torch.matmul(query, key.transpose(2, 3)) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    mask = _additive_mask(module, attention_mask, scores, is_causal)
+    mask = additive_mask(module, attention_mask, scores, is_causal)
     if mask is not None:
         scores = scores + mask
-    edited = False
+    edited = replaced = False
     if "scores" in routes:
-        scores, edited = _through(routes["scores"], scores)
+        scores, edited, replaced = _through(routes["scores"], scores)
     pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if "pattern" in routes:
-        pattern, changed = _through(routes["pattern"], pattern)
-        edited = edited or changed
-    return pattern, edited
+        pattern, changed, other = _through(routes["pattern"], pattern)
+        edited, replaced = edited or changed, replaced or other
+    return pattern, edited, replaced
 
 
-def _through(run: Run, tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Run the hooks on `tensor`; whether they replaced it or edited it in place."""
-    version = tensor._version
+def _through(run: Run, tensor: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
+    """Run the hooks on `tensor`: (the result, whether they changed it, whether it is another).
+
+    Changed means in place, or returned an unequal tensor; a returned tensor equal to the
+    original (an identity edit) counts as unchanged, so the output still comes from the
+    original kernel.
+    """
+    before = snapshot(tensor)
     hooked = run(tensor)
-    return hooked, hooked is not tensor or tensor._version != version
+    other = hooked is not tensor
+    if changed_since(tensor, before):
+        return hooked, True, other
+    return hooked, other and not torch.equal(hooked, tensor), other
 
 
-def _additive_mask(
+def additive_mask(
     module: nn.Module, mask: torch.Tensor | None, scores: torch.Tensor, is_causal: bool | None
 ) -> torch.Tensor | None:
     """The mask as eager attention adds it, from an eager (float) or sdpa (bool / None) mask."""
@@ -222,6 +335,60 @@ def _additive_mask(
         zeros = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
         return zeros.masked_fill(~mask, lowest)
     return mask
+
+
+@dataclass(frozen=True)
+class ResultTap:
+    """Each head's contribution to the attention output, ``[batch, pos, head, d_model]``.
+
+    Taps the output projection `module` (an ``nn.Linear``, or transformers' ``Conv1D`` with
+    its weight stored ``[in, out]``): the per-head results are its input ``z`` times each
+    head's slice of the weight. They sum (plus the bias) to what the projection computes; the
+    projection's own output is kept unless a hook changes the results, so reading them never
+    changes the model's outputs.
+    """
+
+    module: nn.Module
+    d_head: int
+
+    def _weight(self) -> torch.Tensor:
+        """The weight as ``[head, d_head, d_model]``."""
+        weight = getattr(self.module, "weight", None)
+        if isinstance(self.module, nn.Linear) and isinstance(weight, torch.Tensor):
+            return torch.unflatten(weight.t(), 0, (-1, self.d_head))
+        if (
+            isinstance(weight, torch.Tensor)
+            and getattr(self.module, "nf", None) == weight.shape[-1]
+        ):
+            return torch.unflatten(weight, 0, (-1, self.d_head))  # Conv1D: [in, out]
+        raise BridgeError(
+            f"hook_result needs the attention output projection to be nn.Linear or "
+            f"transformers' Conv1D; {type(self.module).__name__} is neither"
+        )
+
+    def attach(self, run: Run) -> Handle:
+        self._weight()  # refuse an unknown projection before anything is registered
+
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            z = torch.unflatten(args[0], -1, (-1, self.d_head))
+            result = torch.einsum("...hd,hdm->...hm", z, self._weight().to(z.dtype))
+            before = snapshot(result)
+            new = run(result)
+            edited = changed_since(result, before) or (
+                new is not result and not torch.equal(new, result)
+            )
+            carries_grad_hooks = new is not result and new.requires_grad
+            if not edited and not (carries_grad_hooks and torch.is_grad_enabled()):
+                return None  # read (or an identity edit): the projection's own output stays
+            summed = new.sum(-2)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                summed = summed + bias
+            exact = first_tensor(output)
+            summed = summed.to(exact.dtype)
+            return replace_first(output, summed if edited else exact_with_grad(exact, summed))
+
+        return self.module.register_forward_hook(hook, prepend=True)
 
 
 def patterns_active() -> bool:

@@ -16,6 +16,7 @@ from bridge_core.components.base import GeneralizedComponent
 from bridge_core.errors import HookNameError, InputError, SpecError, did_you_mean
 from bridge_core.hooks import HookFn, HookHandle, HookPoint
 from bridge_core.naming import HookNames, NamesFilter
+from bridge_core.recording import Recorder
 
 if TYPE_CHECKING:  # pydantic-backed: imported by the first wrap/boot, not with the package
     from bridge_core.config import TransformerBridgeConfig
@@ -310,6 +311,19 @@ class TransformerBridge(nn.Module):
         """Add a hook that `reset_hooks()` keeps (unless `including_permanent=True`)."""
         return self.add_hook(name, hook, dir, is_permanent=True)
 
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Switch the opt-in ``attn.hook_result`` points on or off (TransformerLens's name).
+
+        ``hook_result`` is each head's output ``[batch, pos, head, d_model]`` before the heads
+        are summed; computing it costs about one more output projection per hooked layer,
+        and caching it a ``head``-times larger tensor, so caches leave it out unless it is on.
+        """
+        for name, point in self._names.points.items():
+            if name.endswith(".hook_result"):
+                if not use_attn_result:
+                    point.remove_hooks("both", including_permanent=True)
+                point.enabled = use_attn_result
+
     def reset_hooks(self, including_permanent: bool = False) -> None:
         """Remove every hook (permanent ones too if asked)."""
         for point in self._names.points.values():
@@ -370,23 +384,22 @@ class TransformerBridge(nn.Module):
         selected = self._names.select(names_filter)
         if incl_bwd and kwargs.get("return_type") not in ("loss", "both"):
             raise InputError("incl_bwd=True differentiates the loss: pass return_type='loss'")
-        store: dict[str, torch.Tensor] = {}
-        fwd = [(n, _saver(store, n, device, remove_batch_dim)) for n in selected]
-        bwd = (
-            [(n, _saver(store, f"{n}_grad", device, remove_batch_dim)) for n in selected]
-            if incl_bwd
-            else []
-        )
+        recorder = Recorder(device, remove_batch_dim)
+        points = self._names.points
+        fwd = [(n, recorder.saver(n, points[n])) for n in selected]
+        bwd = [(n, recorder.saver(f"{n}_grad", points[n])) for n in selected] if incl_bwd else []
         with self.hooks(fwd, bwd):
             output = self(*args, **kwargs)
             if incl_bwd:
                 loss = output[1] if isinstance(output, tuple) else output
                 loss.backward()
+        store, calls = recorder.finish()
         order = {n: i for i, n in enumerate(selected)}
         ordered = dict(
             sorted(store.items(), key=lambda kv: order.get(kv[0].removesuffix("_grad"), 0))
         )
-        return output, ActivationCache(ordered, self, has_batch_dim=not remove_batch_dim)
+        cache = ActivationCache(ordered, self, has_batch_dim=not remove_batch_dim, calls=calls)
+        return output, cache
 
     # -- text ----------------------------------------------------------------------------
 
@@ -422,23 +435,6 @@ class TransformerBridge(nn.Module):
 
     def __repr__(self) -> str:
         return f"TransformerBridge({self.adapter.name}: {type(self.original_model).__name__})"
-
-
-def _saver(store: dict[str, torch.Tensor], key: str, device: Any, remove_batch_dim: bool) -> HookFn:
-    def save(tensor: torch.Tensor, hook: HookPoint) -> None:
-        value = tensor.detach()
-        if device is not None:
-            value = value.to(device)
-        if remove_batch_dim:
-            if value.shape[0] != 1:
-                raise InputError(
-                    f"remove_batch_dim=True needs a batch of one; {hook.name!r} has batch "
-                    f"size {value.shape[0]}"
-                )
-            value = value[0]
-        store[key] = value
-
-    return save
 
 
 def _tokenizer_of(processor: Any) -> Any:

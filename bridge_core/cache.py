@@ -44,7 +44,10 @@ def act_name(name: str, layer: int | None = None, sublayer: str | None = None) -
 class ActivationCache:
     """Activations by canonical hook name; aliases and ``cache["resid_pre", 3]`` also work.
 
-    An aliased activation is stored once, under its canonical name.
+    An aliased activation is stored once, under its canonical name. A hook point that fired
+    several times in the forward (once per image, per expert) keeps every call:
+    `calls(name)` lists them, and ``cache[name]`` is them stacked or concatenated as its
+    adapter declares (an error that points at `calls` where they are kept as a list only).
     """
 
     def __init__(
@@ -52,18 +55,24 @@ class ActivationCache:
         cache_dict: dict[str, torch.Tensor],
         model: TransformerBridge,
         has_batch_dim: bool = True,
+        calls: dict[str, list[torch.Tensor]] | None = None,
     ) -> None:
-        """Wrap `cache_dict` (canonical name -> tensor) of a run of `model`."""
+        """Wrap `cache_dict` (canonical name -> tensor) of a run of `model`.
+
+        Args:
+            calls: every call of the hook points that fired more than once, by name.
+        """
         self.cache_dict = cache_dict
         self.model = model
         self.has_batch_dim = has_batch_dim
+        self.call_lists: dict[str, list[torch.Tensor]] = dict(calls or {})
 
     # -- mapping -------------------------------------------------------------------------
 
     def _key(self, key: str | tuple[Any, ...]) -> str:
         name = act_name(*key) if isinstance(key, tuple) else key
         for candidate in (name, self._canonical(name)):
-            if candidate in self.cache_dict:
+            if candidate in self.cache_dict or candidate in self.call_lists:
                 return candidate
         if isinstance(key, str) and "." not in key and not key.startswith("hook_"):
             try:  # TransformerLens shorthand without a layer: "embed", "normalized"
@@ -87,7 +96,20 @@ class ActivationCache:
     def __getitem__(self, key: str | tuple[Any, ...]) -> torch.Tensor:
         if isinstance(key, tuple) and len(key) > 1 and isinstance(key[1], int) and key[1] < 0:
             key = (key[0], key[1] + self.model.cfg.n_layers, *key[2:])
-        return self.cache_dict[self._key(key)]
+        name = self._key(key)
+        if name not in self.cache_dict:
+            calls = self.call_lists[name]
+            raise InputError(
+                f"{name!r} fired {len(calls)} times in this forward with shapes "
+                f"{[tuple(c.shape) for c in calls]}, which its adapter keeps as a list: "
+                f"use cache.calls({name!r})"
+            )
+        return self.cache_dict[name]
+
+    def calls(self, key: str | tuple[Any, ...]) -> list[torch.Tensor]:
+        """Every call of a hook point in this forward, in order (one item for most points)."""
+        name = self._key(key)
+        return list(self.call_lists.get(name) or [self.cache_dict[name]])
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str | tuple):
@@ -117,13 +139,16 @@ class ActivationCache:
         return self.cache_dict.items()
 
     def __repr__(self) -> str:
-        return f"ActivationCache with keys {list(self.cache_dict)}"
+        lists = [k for k in self.call_lists if k not in self.cache_dict]
+        more = f" and call lists {lists}" if lists else ""
+        return f"ActivationCache with keys {list(self.cache_dict)}{more}"
 
     # -- storage -------------------------------------------------------------------------
 
     def to(self, device: str | torch.device) -> ActivationCache:
         """Move the cached tensors (not the model) to `device`; returns self."""
         self.cache_dict = {k: v.to(device) for k, v in self.cache_dict.items()}
+        self.call_lists = {k: [v.to(device) for v in c] for k, c in self.call_lists.items()}
         return self
 
     def remove_batch_dim(self) -> ActivationCache:

@@ -36,6 +36,11 @@ class TransformerBridgeConfig(BaseModel):
     )
     rotary_base: PositiveFloat | None = None
     tie_word_embeddings: bool | None = None
+    block_layout: Literal["pre_norm", "parallel", "post_norm"] = "pre_norm"
+    """How a block adds to the residual stream (`verify` checks it): ``pre_norm``
+    (``resid_mid = resid_pre + attn_out``, ``resid_post = resid_mid + mlp_out``), ``parallel``
+    (``resid_post = resid_pre + attn_out + mlp_out``) or ``post_norm`` (BERT, with
+    TransformerLens's names: ``resid_post = ln1(resid_mid) + mlp_out``)."""
 
     is_multimodal: bool = False
     vision_d_model: PositiveInt | None = None
@@ -71,6 +76,11 @@ class TransformerBridgeConfig(BaseModel):
                 f"(got vision_image_size={image}, vision_patch_size={patch})"
             )
         return self
+
+    @property
+    def parallel_attn_mlp(self) -> bool:
+        """TransformerLens's name: attention and MLP read the same residual stream."""
+        return self.block_layout == "parallel"
 
     @property
     def vision_num_patches(self) -> int | None:

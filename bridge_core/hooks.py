@@ -24,9 +24,24 @@ HookFn = Callable[..., torch.Tensor | None]
 
 Run = Callable[[torch.Tensor], torch.Tensor]
 Direction = Literal["fwd", "bwd"]
+Collect = Literal["list", "stack", "cat"]
 
 _LAYER = re.compile(r"\.(\d+)\.")
-_PLAIN_STATE = frozenset({"name", "ctx", "_fwd", "_bwd", "_tap", "_attached"})
+_PLAIN_STATE = frozenset(
+    {
+        "name",
+        "ctx",
+        "_fwd",
+        "_bwd",
+        "_tap",
+        "_attached",
+        "calls",
+        "collect",
+        "shape",
+        "enabled",
+        "copy_on_cache",
+    }
+)
 
 
 class Handle(Protocol):
@@ -39,6 +54,22 @@ class Tap(Protocol):
     """Connects a hook point to the HF forward pass; `attach` returns a removable handle."""
 
     def attach(self, run: Run) -> Handle: ...
+
+
+def snapshot(tensor: torch.Tensor) -> Any:
+    """What later tells whether `tensor` was changed in place (see `changed_since`).
+
+    Its version counter, which PyTorch bumps on every in-place operation, so this costs
+    nothing; inference tensors have no version counter, so for them it is a copy.
+    """
+    return tensor.clone() if tensor.is_inference() else tensor._version
+
+
+def changed_since(tensor: torch.Tensor, before: Any) -> bool:
+    """Whether `tensor` was changed in place since `before = snapshot(tensor)`."""
+    if isinstance(before, torch.Tensor):
+        return not torch.equal(tensor, before)
+    return bool(tensor._version != before)
 
 
 def first_tensor(value: Any) -> torch.Tensor:
@@ -111,42 +142,6 @@ class InputTap:
         )
 
 
-@dataclass(frozen=True)
-class HeadsView:
-    """Show a ``[..., n_heads * d_head]`` activation as ``[..., n_heads, d_head]``."""
-
-    inner: Tap
-    d_head: int
-
-    def attach(self, run: Run) -> Handle:
-        def run_heads(x: torch.Tensor) -> torch.Tensor:
-            heads = x.view(*x.shape[:-1], -1, self.d_head)
-            new = run(heads)
-            return x if new is heads else new.flatten(-2)
-
-        return self.inner.attach(run_heads)
-
-
-@dataclass(frozen=True)
-class SliceView:
-    """One part of a joint activation split on its last dimension (e.g. q of a fused qkv)."""
-
-    inner: Tap
-    sizes: tuple[int, ...]
-    index: int
-
-    def attach(self, run: Run) -> Handle:
-        def run_part(x: torch.Tensor) -> torch.Tensor:
-            parts = list(torch.split(x, list(self.sizes), dim=-1))
-            new = run(parts[self.index])
-            if new is parts[self.index]:
-                return x
-            parts[self.index] = new
-            return torch.cat(parts, dim=-1)
-
-        return self.inner.attach(run_part)
-
-
 @dataclass(eq=False)  # identity: the same function may be added twice
 class _Hook:
     fn: HookFn
@@ -184,6 +179,18 @@ class HookPoint(nn.Module):
         self._bwd: list[_Hook] = []
         self._tap: Tap | None = None
         self._attached: Handle | None = None
+        self.calls: int | str = 1
+        """How often this point fires per forward (`verify` checks it): a number, "any",
+        or an expression over counts the bridge's components report (``"n_images"``)."""
+        self.collect: Collect = "list"
+        """How a cache keeps the calls of a point that fires more than once."""
+        self.shape: tuple[int | str, ...] | None = None
+        """The documented shape, in symbols (``("batch", "pos", "d_model")``), for `verify`."""
+        self.enabled: bool = True
+        """False for an opt-in point (``attn.hook_result``) until it is switched on."""
+        self.copy_on_cache: bool | None = None
+        """Whether the model changes this tensor in place after the point fires, so a cache
+        must copy it (None: not known yet; the first cache of the point copies and finds out)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Plain state (never a Module, Parameter or Tensor) skips nn.Module.__setattr__'s
@@ -211,6 +218,12 @@ class HookPoint(nn.Module):
             raise InputError(f"hook direction must be 'fwd' or 'bwd', got {dir!r}")
         if self._tap is None:
             raise BridgeError(f"hook point {self.name!r} is not bound to a module")
+        if not self.enabled:
+            raise BridgeError(
+                f"hook point {self.name!r} is off (it is opt-in: it costs memory and time on "
+                "every forward it is used in); switch it on first, e.g. "
+                "bridge.set_use_attn_result(True) for attn.hook_result"
+            )
         if self._attached is None:  # attach first: if the tap refuses, nothing is left behind
             self._attached = self._tap.attach(self._run)
         hook = _Hook(fn, is_permanent)
@@ -301,15 +314,16 @@ def _grad_hook(fn: HookFn, point: HookPoint) -> Callable[[torch.Tensor], torch.T
 
 
 __all__ = [
+    "Collect",
     "Handle",
-    "HeadsView",
     "HookFn",
     "HookHandle",
     "HookPoint",
     "InputTap",
     "OutputTap",
-    "SliceView",
     "Tap",
+    "changed_since",
     "first_tensor",
     "replace_first",
+    "snapshot",
 ]

@@ -52,19 +52,21 @@ class HookNames:
         Args:
             names_filter: None (all), a name, a list of names, or a predicate called with
                 canonical names and aliases (an alias that matches selects its target).
+                None and predicates skip opt-in points that are off (``attn.hook_result``);
+                naming one explicitly is an error that says how to switch it on.
 
         Raises:
             HookNameError: a given name is unknown.
             InputError: the filter has the wrong type.
         """
         if names_filter is None:
-            return list(self.points)
+            return [n for n, p in self.points.items() if p.enabled]
         if isinstance(names_filter, str):
             return [self.canonical(names_filter)]
         if callable(names_filter):
             chosen = {n for n in self.points if names_filter(n)}
             chosen |= {t for a, t in self.aliases.items() if t not in chosen and names_filter(a)}
-            return [n for n in self.points if n in chosen]
+            return [n for n, p in self.points.items() if n in chosen and p.enabled]
         if isinstance(names_filter, Iterable):
             names = list(names_filter)
             if all(isinstance(n, str) for n in names):

@@ -1,4 +1,10 @@
-"""Adapter specs: an architecture described as data, loadable from TOML or JSON."""
+"""Adapter specs: an architecture described as data, loadable from TOML or JSON.
+
+Version 2 of the language adds, without changing what a v1 spec means: size expressions
+(`bridge_core.expr`), per-hook taps with declarative views (`TapSpec`, `ViewSpec`), removal of
+hook points and aliases, hook points that fire several times per forward (`calls`,
+`collect`), and what `verify` needs to know (`VerifySpec`).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,103 @@ import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from bridge_core import expr
 from bridge_core.config import TransformerBridgeConfig
 from bridge_core.errors import SpecError
 
-_MISSING = object()
+Size = int | str
+"""A literal size or an expression over TransformerBridgeConfig fields (``"n_heads * d_head"``)."""
+
+_VIEW_OPS = ("split", "reshape", "flatten", "select", "transpose", "tokens")
+
+
+class ViewSpec(BaseModel):
+    """One step of a view on a tapped tensor; exactly one operation per step.
+
+    - ``split`` (sizes) and ``index``: that part of the last dimension split into `sizes`.
+    - ``reshape`` (sizes): the last dimension as several (``["n_heads", "3 * d_head"]``).
+    - ``flatten`` (n): the last `n` dimensions as one.
+    - ``select`` (index) and ``dim``: that index of dimension `dim` (the dimension goes).
+    - ``transpose`` ([d0, d1]): two dimensions swapped.
+    - ``tokens`` (path): a flattened ``[batch * pos, ...]`` as ``[batch, pos, ...]``, taking
+      batch and pos from the first two dimensions of the input of the module at `path`
+      (relative to the component's module; ``""`` is the module itself).
+
+    Every step is invertible, so an edit of the view is written back into the tensor.
+    """
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+    split: list[Size] | None = None
+    index: int | None = None
+    reshape: list[Size] | None = None
+    flatten: int | None = Field(default=None, ge=2)
+    select: int | None = None
+    dim: int | None = None
+    transpose: tuple[int, int] | None = None
+    tokens: str | None = None
+
+    @model_validator(mode="after")
+    def _one_operation(self) -> Self:
+        ops = [op for op in _VIEW_OPS if getattr(self, op) is not None]
+        if len(ops) != 1:
+            raise ValueError(
+                f"a view step has exactly one of {list(_VIEW_OPS)} (got {ops or 'none'})"
+            )
+        if (self.index is not None) != (ops[0] == "split"):
+            raise ValueError("`index` goes with `split` (which part to take), and only with it")
+        if (self.dim is not None) != (ops[0] == "select"):
+            raise ValueError(
+                "`dim` goes with `select` (which dimension to index), and only with it"
+            )
+        for size in [*(self.split or []), *(self.reshape or [])]:
+            if isinstance(size, str):
+                _check_expression(size)
+        return self
+
+    @property
+    def operation(self) -> str:
+        """The name of this step's operation."""
+        return next(op for op in _VIEW_OPS if getattr(self, op) is not None)
+
+
+class TapSpec(BaseModel):
+    """Where a hook point reads its tensor: a submodule's output or input, seen through a view.
+
+    `module` is relative to the component's HF module (``""``: the module itself); `arg` is the
+    keyword an input arrives under when it is not passed positionally.
+    """
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+    module: str = ""
+    at: Literal["output", "input"] = "output"
+    arg: str | None = None
+    view: list[ViewSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _arg_for_inputs(self) -> Self:
+        if self.arg is not None and self.at != "input":
+            raise ValueError("`arg` names an input keyword: it needs at = 'input'")
+        return self
+
+
+def _check_expression(text: str) -> None:
+    try:
+        expr.parse(text)
+    except expr.ExpressionError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class ComponentSpec(BaseModel):
@@ -30,18 +125,53 @@ class ComponentSpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     submodules: dict[str, ComponentSpec] = Field(default_factory=dict)
     optional: bool = False
+    hooks: dict[str, TapSpec] = Field(default_factory=dict)
+    remove_hooks: list[str] = Field(default_factory=list)
+    calls: int | str = 1
+    collect: Literal["list", "stack", "cat"] = "list"
+    shapes: dict[str, list[Size]] = Field(default_factory=dict)
 
     @property
     def paths(self) -> list[str]:
-        """The candidate paths, in the order they are tried."""
+        """The candidate paths, in the order they are tried (``"."``: the parent itself)."""
         return [self.path] if isinstance(self.path, str) else list(self.path)
 
     @field_validator("path")
     @classmethod
     def _non_empty(cls, value: str | list[str]) -> str | list[str]:
-        if not value:
-            raise ValueError("path must name at least one submodule path")
+        if not value or (isinstance(value, list) and not all(value)):
+            raise ValueError(
+                "path must name at least one submodule path ('.' for the parent module itself)"
+            )
         return value
+
+    @field_validator("hooks", "shapes")
+    @classmethod
+    def _hook_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        bad = [name for name in value if not name.startswith("hook_") or "." in name]
+        if bad:
+            raise ValueError(f"hook point names start with 'hook_' and have no dots (got {bad})")
+        return value
+
+    @field_validator("calls")
+    @classmethod
+    def _calls(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(
+                f"calls is how often the hook points fire per forward, >= 1 (got {value})"
+            )
+        if isinstance(value, str) and value != "any":
+            _check_expression(value)
+        return value
+
+
+class VerifySpec(BaseModel):
+    """What `verify` needs to know that the model's structure does not say."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+    unreachable: list[str] = Field(default_factory=list)
+    """Hook names (fnmatch patterns) whose edits cannot reach the outputs by construction."""
 
 
 class ConfigMapping(BaseModel):
@@ -51,6 +181,14 @@ class ConfigMapping(BaseModel):
 
     from_hf: dict[str, str | list[str]] = Field(default_factory=dict)
     fixed: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("from_hf")
+    @classmethod
+    def _expressions(cls, value: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        for candidates in value.values():
+            for text in [candidates] if isinstance(candidates, str) else candidates:
+                _check_expression(text)
+        return value
 
     @field_validator("from_hf", "fixed")
     @classmethod
@@ -78,6 +216,18 @@ class AdapterSpec(BaseModel):
     config: ConfigMapping = Field(default_factory=ConfigMapping)
     components: dict[str, ComponentSpec]
     hook_aliases: dict[str, str] = Field(default_factory=dict)
+    verify: VerifySpec = Field(default_factory=VerifySpec)
+
+    @field_validator("hook_aliases")
+    @classmethod
+    def _templates(cls, value: dict[str, str]) -> dict[str, str]:
+        for alias, target in value.items():
+            if ("{i}" in alias) != ("{i}" in target):
+                raise ValueError(
+                    f"{alias!r} = {target!r}: a template has '{{i}}' in both the alias and the "
+                    "target (each layer's alias points at that layer's hook), or in neither"
+                )
+        return value
 
     @classmethod
     def from_file(cls, path: str | Path) -> Self:
@@ -115,9 +265,10 @@ class AdapterSpec(BaseModel):
             SpecError: a mapped attribute is missing, or the values do not validate.
         """
         values: dict[str, Any] = {}
+        lookup = hf_lookup(hf_config)
         for field, candidates in self.config.from_hf.items():
-            value = _first_attribute(hf_config, candidates)
-            if value is not _MISSING and value is not None:
+            value = _first_value(lookup, candidates)
+            if value is not expr.MISSING and value is not None:
                 values[field] = value
         values.update(self.config.fixed)
         values.update(extra)
@@ -147,19 +298,36 @@ def _parse(path: Path, text: str) -> Any:
     raise SpecError(f"adapter spec {path} must be a .toml or .json file (got {path.suffix!r})")
 
 
-def _first_attribute(obj: Any, candidates: str | list[str]) -> Any:
-    for dotted in [candidates] if isinstance(candidates, str) else candidates:
-        value: Any = obj
-        for part in dotted.split("."):
-            if isinstance(value, Mapping):
-                value = value.get(part, _MISSING)
-            else:
-                value = getattr(value, part, _MISSING)
-            if value is _MISSING:
-                break
-        if value is not _MISSING:
+def _first_value(lookup: expr.Lookup, candidates: str | list[str]) -> Any:
+    for text in [candidates] if isinstance(candidates, str) else candidates:
+        value = expr.evaluate(text, lookup)
+        if value is not expr.MISSING and value is not None:
             return value
-    return _MISSING
+    return expr.MISSING
+
+
+def hf_lookup(hf_config: Any) -> expr.Lookup:
+    """Read dotted names from an HF config: its attributes, nested configs and dict entries.
+
+    Only data is read: the walk enters HF configs and mappings, never other objects, and
+    skips callables, so a spec cannot reach anything but configuration values.
+    """
+    from transformers import PretrainedConfig
+
+    def lookup(dotted: str) -> Any:
+        value: Any = hf_config
+        for part in dotted.split("."):
+            if isinstance(value, PretrainedConfig):
+                value = getattr(value, part, expr.MISSING)
+            elif isinstance(value, Mapping):
+                value = value.get(part, expr.MISSING)
+            else:
+                return expr.MISSING
+            if value is expr.MISSING or callable(value):
+                return expr.MISSING
+        return value
+
+    return lookup
 
 
 def describe(exc: ValidationError) -> str:

@@ -95,8 +95,12 @@ def test_remove_batch_dim(gpt2_bridge: TransformerBridge) -> None:
     assert cache.remove_batch_dim()["hook_embed"].shape == (4, 64)
 
 
-def test_unique_bytes_count_shared_storage_once(gpt2_run: tuple) -> None:
-    _, cache = gpt2_run
+def test_unique_bytes_count_shared_storage_once(
+    gpt2_bridge: TransformerBridge, ids: torch.Tensor
+) -> None:
+    with torch.no_grad():
+        gpt2_bridge.run_with_cache(ids)  # the first cache of a point copies and checks it
+        _, cache = gpt2_bridge.run_with_cache(ids)  # then caches hold the live tensors
     total = sum(t.untyped_storage().nbytes() for t in cache.values())
     assert 0 < cache.unique_nbytes() < total  # q, k and v are views of one fused output
 

@@ -117,7 +117,10 @@ class HookLifeCycle(RuleBasedStateMachine):
         self.expected: list[Attached] = []
         self.handles: list[tuple[Any, Attached]] = []
         self.history: list[tuple[Any, list[str], Recorder, bool]] = []
-        self.names = self.bridge.hook_names()
+        points = self.bridge.hook_dict
+        self.names = [  # opt-in points that are off refuse hooks (tested elsewhere)
+            n for n in self.bridge.hook_names() if points[self.bridge._names.canonical(n)].enabled
+        ]
         self.aliases = self.bridge.hook_aliases()
         self.patterns = [n for n in self.names if n.endswith(("hook_pattern", "hook_attn_scores"))]
 

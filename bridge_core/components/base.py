@@ -7,7 +7,11 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from bridge_core import expr
 from bridge_core.hooks import HookPoint, InputTap, OutputTap
+
+Shape = tuple[int | str, ...]
+"""A shape in symbols, ``("batch", "pos", "d_model")``: see `GeneralizedComponent.dims`."""
 
 
 class GeneralizedComponent(nn.Module):
@@ -26,7 +30,12 @@ class GeneralizedComponent(nn.Module):
         internal_hooks: hook points besides ``hook_in``/``hook_out`` that `bind` connects.
         path_options: options that name HF submodules (checked when the bridge is built).
         required_options: options the spec must give.
+        size_options: options that are sizes (integers, or expressions over the bridge's
+            config fields such as ``"n_key_value_heads * d_head"``).
         input_arg: keyword under which the HF module receives its input, if not positional.
+        hook_shapes: the documented shape of each hook point, in symbols that `dims`
+            gives values to (``"batch"``, ``"pos"``, ``"d_model"`` ...; a name it does not
+            know is free but must be the same wherever it appears; ``"a|b"`` is either).
     """
 
     hook_aliases: ClassVar[dict[str, str]] = {}
@@ -34,7 +43,9 @@ class GeneralizedComponent(nn.Module):
     internal_hooks: ClassVar[tuple[str, ...]] = ()
     path_options: ClassVar[tuple[str, ...]] = ()
     required_options: ClassVar[tuple[str, ...]] = ()
+    size_options: ClassVar[tuple[str, ...]] = ()
     input_arg: ClassVar[str] = "hidden_states"
+    hook_shapes: ClassVar[dict[str, Shape]] = {}
 
     original_component: nn.Module | None
 
@@ -58,6 +69,8 @@ class GeneralizedComponent(nn.Module):
         self.config = config
         self.options: dict[str, Any] = dict(options or {})
         object.__setattr__(self, "original_component", None)
+        self.removed_aliases: set[str] = set()
+        self.extra_hooks: list[str] = []
         self.hook_in = HookPoint()
         self.hook_out = HookPoint()
         for hook_name in self.internal_hooks:
@@ -71,9 +84,69 @@ class GeneralizedComponent(nn.Module):
         self.hook_in.bind(InputTap(module, self.input_arg))
         self.hook_out.bind(OutputTap(module))
         self.bind(module)
+        for attr, shape in self.hook_shapes.items():
+            point = getattr(self, attr, None)
+            if isinstance(point, HookPoint):
+                point.shape = shape
 
     def bind(self, module: nn.Module) -> None:
         """Bind the internal hook points of this kind of component to `module`'s parts."""
+
+    def own_hook_points(self) -> list[tuple[str, HookPoint]]:
+        """This component's bound hook points (not its children's), ``hook_out`` last."""
+        names = ["hook_in", *self.internal_hooks, *self.extra_hooks, "hook_out"]
+        points = [(n, getattr(self, n, None)) for n in dict.fromkeys(names)]
+        return [(n, p) for n, p in points if isinstance(p, HookPoint) and p._tap is not None]
+
+    def size(self, value: Any, what: str) -> int:
+        """A size option's value: an int, or an expression over the bridge config's fields.
+
+        Raises:
+            ValueError: the expression names no config field or is not an integer.
+        """
+
+        def lookup(name: str) -> Any:
+            return (
+                getattr(self.config, name, expr.MISSING)
+                if self.config is not None
+                else expr.MISSING
+            )
+
+        try:
+            return expr.size(value, lookup, f"{self.name}: {what}")
+        except expr.ExpressionError as exc:
+            raise ValueError(str(exc)) from None
+
+    def dims(self) -> dict[str, int | None]:
+        """Values of the shape symbols for this component's hook points (None: free).
+
+        The bridge config's sizes by default; a component over a part of the model with
+        other sizes (a vision tower) overrides it, and its children inherit the override.
+        """
+        cfg = self.config
+        names = ("d_model", "n_heads", "d_head", "d_mlp", "d_vocab")
+        values: dict[str, int | None] = {n: getattr(cfg, n, None) for n in names}
+        values["n_kv_heads"] = getattr(cfg, "n_key_value_heads", None)
+        return values
+
+    def unreachable_hooks(self) -> list[str]:
+        """Full names of this component's hook points whose edits cannot reach the outputs.
+
+        `verify` checks that an edit there changes nothing (instead of something). For example
+        a vision tower's layers after the one a VLM selects. None by default.
+        """
+        return []
+
+    def call_counts(self, inputs: Mapping[str, Any]) -> dict[str, int]:
+        """Counts that hook points' ``calls`` expressions may name (``{"n_images": 2}``)."""
+        return {}
+
+    def example_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Complete `inputs` (HF forward keywords with ``input_ids``) with what this part needs.
+
+        `verify` builds its inputs this way: a vision tower adds images and their tokens.
+        """
+        return inputs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Call the HF module (hooks fire through their taps)."""

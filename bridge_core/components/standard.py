@@ -6,9 +6,15 @@ from typing import ClassVar
 
 from torch import nn
 
-from bridge_core.attention import PatternTap
-from bridge_core.components.base import GeneralizedComponent
-from bridge_core.hooks import HeadsView, HookPoint, InputTap, OutputTap, SliceView, Tap
+from bridge_core.attention import PatternTap, ResultTap
+from bridge_core.components.base import GeneralizedComponent, Shape
+from bridge_core.hooks import HookPoint, InputTap, OutputTap, Tap
+from bridge_core.views import Reshape, Split, ViewTap
+
+RESID: Shape = ("batch", "pos", "d_model")
+HEADS: Shape = ("batch", "pos", "n_heads", "d_head")
+KV_HEADS: Shape = ("batch", "kpos", "n_kv_heads", "d_head")
+MLP_HIDDEN: Shape = ("batch", "pos", "d_mlp")
 
 
 class ModuleBridge(GeneralizedComponent):
@@ -19,16 +25,23 @@ class EmbeddingBridge(GeneralizedComponent):
     """Token (or position) embedding: ``hook_in`` gets ids, ``hook_out`` the embeddings."""
 
     input_arg: ClassVar[str] = "input"  # nn.Embedding.forward(input)
+    hook_shapes: ClassVar[dict[str, Shape]] = {"hook_in": ("batch", "pos"), "hook_out": RESID}
 
 
 class NormalizationBridge(GeneralizedComponent):
     """LayerNorm / RMSNorm; ``hook_normalized`` is its output, as in TransformerLens."""
 
     hook_aliases: ClassVar[dict[str, str]] = {"hook_normalized": "hook_out"}
+    hook_shapes: ClassVar[dict[str, Shape]] = {"hook_in": RESID, "hook_out": RESID}
 
 
 class UnembeddingBridge(GeneralizedComponent):
     """The LM head: ``hook_in`` is the final residual (normalized), ``hook_out`` the logits."""
+
+    hook_shapes: ClassVar[dict[str, Shape]] = {
+        "hook_in": RESID,
+        "hook_out": ("batch", "pos", "d_vocab"),
+    }
 
 
 class BlockBridge(GeneralizedComponent):
@@ -44,23 +57,60 @@ class BlockBridge(GeneralizedComponent):
         "hook_mlp_in": "mlp.hook_in",
         "hook_mlp_out": "mlp.hook_out",
     }
+    hook_shapes: ClassVar[dict[str, Shape]] = {"hook_in": RESID, "hook_out": RESID}
 
 
 class _AttentionHooks(GeneralizedComponent):
-    """Shared part of the attention kinds: per-head q/k/v/z, scores and pattern."""
+    """Shared part of the attention kinds: per-head q/k/v/z, rotated q/k, scores, pattern.
 
-    internal_hooks = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
+    Options: ``o`` (the output projection), ``kernel`` (the submodule that calls the
+    attention kernel, when it is not the component's module itself, e.g. BERT's ``self``),
+    ``head_dim``, and ``rotary`` (offer ``hook_rot_q/k``; by default when the config's
+    positional embeddings are rotary).
+    """
+
+    internal_hooks = (
+        "hook_q",
+        "hook_k",
+        "hook_v",
+        "hook_rot_q",
+        "hook_rot_k",
+        "hook_attn_scores",
+        "hook_pattern",
+        "hook_z",
+        "hook_result",
+    )
+    path_options: ClassVar[tuple[str, ...]] = ("o", "kernel")
+    size_options: ClassVar[tuple[str, ...]] = ("head_dim",)
+    hook_shapes: ClassVar[dict[str, Shape]] = {
+        "hook_in": RESID,
+        "hook_q": HEADS,
+        "hook_k": KV_HEADS,
+        "hook_v": KV_HEADS,
+        "hook_rot_q": HEADS,
+        "hook_rot_k": KV_HEADS,
+        "hook_attn_scores": ("batch", "n_heads", "pos", "kpos"),
+        "hook_pattern": ("batch", "n_heads", "pos", "kpos"),
+        "hook_z": HEADS,
+        "hook_result": ("batch", "pos", "n_heads", "d_model"),
+        "hook_out": RESID,
+    }
     hook_q: HookPoint
     hook_k: HookPoint
     hook_v: HookPoint
+    hook_rot_q: HookPoint
+    hook_rot_k: HookPoint
     hook_z: HookPoint
     hook_attn_scores: HookPoint
     hook_pattern: HookPoint
+    hook_result: HookPoint
 
     def d_head(self, module: nn.Module) -> int:
         """Head size: the ``head_dim`` option, the module's ``head_dim``, or the config's."""
+        if "head_dim" in self.options:
+            return self.size(self.options["head_dim"], "options.head_dim")
         for value in (
-            self.options.get("head_dim"),
+            getattr(self.kernel(module), "head_dim", None),
             getattr(module, "head_dim", None),
             getattr(self.config, "d_head", None),
         ):
@@ -68,70 +118,156 @@ class _AttentionHooks(GeneralizedComponent):
                 return value
         raise ValueError(f"cannot tell the head size of {self.name!r}; set options.head_dim")
 
+    def kernel(self, module: nn.Module) -> nn.Module:
+        """The submodule that calls the attention kernel (option ``kernel``, else `module`)."""
+        return self.part(module, "kernel") if "kernel" in self.options else module
+
+    def rotary(self) -> bool:
+        """Whether q and k are rotated inside the kernel call (option, else the config)."""
+        if "rotary" in self.options:
+            return bool(self.options["rotary"])
+        return getattr(self.config, "positional_embedding_type", None) == "rotary"
+
     def bind_heads(self, module: nn.Module, q: Tap, k: Tap, v: Tap) -> None:
+        """Bind the per-head taps `q`, `k`, `v` (``[batch, pos, head, d_head]``) and the rest."""
         d_head = self.d_head(module)
-        self.hook_q.bind(HeadsView(q, d_head))
-        self.hook_k.bind(HeadsView(k, d_head))
-        self.hook_v.bind(HeadsView(v, d_head))
-        self.hook_z.bind(HeadsView(InputTap(self.part(module, "o")), d_head))
-        self.hook_attn_scores.bind(PatternTap(module, "scores"))
-        self.hook_pattern.bind(PatternTap(module, "pattern"))
+        kernel = self.kernel(module)
+        self.hook_q.bind(q)
+        self.hook_k.bind(k)
+        self.hook_v.bind(v)
+        o = self.part(module, "o")
+        self.hook_z.bind(ViewTap(InputTap(o), (Reshape((-1, d_head)),)))
+        self.hook_attn_scores.bind(PatternTap(kernel, "scores"))
+        self.hook_pattern.bind(PatternTap(kernel, "pattern"))
+        if self.rotary():
+            self.hook_rot_q.bind(PatternTap(kernel, "rot_q"))
+            self.hook_rot_k.bind(PatternTap(kernel, "rot_k"))
+        self.hook_result.bind(ResultTap(o, d_head))
+        self.hook_result.enabled = False  # opt-in, as TransformerLens's use_attn_result
+
+    def dims(self) -> dict[str, int | None]:
+        """Head counts and widths from the HF module's own config where it has one."""
+        values = super().dims()
+        module = self.original_component
+        hf = getattr(self.kernel(module), "config", None) if module is not None else None
+        heads = getattr(hf, "num_attention_heads", None)
+        if isinstance(heads, int):
+            values["n_heads"] = heads
+            kv = getattr(hf, "num_key_value_heads", None)
+            values["n_kv_heads"] = kv if isinstance(kv, int) else heads
+            values["d_model"] = getattr(hf, "hidden_size", values["d_model"])
+        if module is not None:
+            values["d_head"] = self.d_head(module)
+        return values
+
+
+def _heads(inner: Tap, d_head: int) -> ViewTap:
+    return ViewTap(inner, (Reshape((-1, d_head)),))
 
 
 class AttentionBridge(_AttentionHooks):
     """Attention with separate q/k/v projections (options ``q``, ``k``, ``v``, ``o``).
 
     ``hook_q/k/v/z`` are ``[batch, pos, head, d_head]`` (k and v with the key/value heads
-    under grouped-query attention); q and k are taken before rotary embeddings.
+    under grouped-query attention); q and k are taken before rotary embeddings,
+    ``hook_rot_q/k`` after (as the kernel receives them).
     """
 
-    path_options = required_options = ("q", "k", "v", "o")
+    path_options: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "kernel")
+    required_options: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o")
 
     def bind(self, module: nn.Module) -> None:
-        taps = [OutputTap(self.part(module, name)) for name in ("q", "k", "v")]
-        self.bind_heads(module, *taps)
-
-
-class JointQKVAttentionBridge(_AttentionHooks):
-    """Attention with one fused qkv projection (options ``qkv``, ``o``, optional ``split``).
-
-    ``split`` lists the q, k and v widths; by default the fused output splits in thirds.
-    """
-
-    path_options = required_options = ("qkv", "o")
-
-    def bind(self, module: nn.Module) -> None:
-        fused = OutputTap(self.part(module, "qkv"))
-        sizes = self.options.get("split")
-        if sizes is None:
-            width = _out_features(self.part(module, "qkv"))
-            sizes = [width // 3] * 3
-        q, k, v = (SliceView(fused, tuple(sizes), index) for index in range(3))
+        d_head = self.d_head(module)
+        q, k, v = (_heads(OutputTap(self.part(module, n)), d_head) for n in ("q", "k", "v"))
         self.bind_heads(module, q, k, v)
 
 
+class JointQKVAttentionBridge(_AttentionHooks):
+    """Attention with one fused qkv projection (options ``qkv``, ``o``, ``split``, ``layout``).
+
+    ``layout = "split"`` (default): the fused output is ``[q | k | v]``, split into the widths
+    ``split`` gives (sizes or expressions such as ``"n_key_value_heads * d_head"``; by default
+    in thirds). ``layout = "per_head"``: it is ``[q_h | k_h | v_h]`` for each head in turn
+    (GPT-NeoX, BLOOM).
+    """
+
+    path_options: ClassVar[tuple[str, ...]] = ("qkv", "o", "kernel")
+    required_options: ClassVar[tuple[str, ...]] = ("qkv", "o")
+    size_options: ClassVar[tuple[str, ...]] = ("head_dim", "split")
+
+    def bind(self, module: nn.Module) -> None:
+        d_head = self.d_head(module)
+        fused = OutputTap(self.part(module, "qkv"))
+        layout = self.options.get("layout", "split")
+        if layout == "per_head":
+            per_head = Reshape((-1, 3 * d_head))
+            q, k, v = (ViewTap(fused, (per_head, Split((d_head,) * 3, i))) for i in range(3))
+        elif layout == "split":
+            sizes = self._split_sizes(module)
+            q, k, v = (ViewTap(fused, (Split(sizes, i), Reshape((-1, d_head)))) for i in range(3))
+        else:
+            raise ValueError(f"options.layout must be 'split' or 'per_head' (got {layout!r})")
+        self.bind_heads(module, q, k, v)
+
+    def _split_sizes(self, module: nn.Module) -> tuple[int, int, int]:
+        given = self.options.get("split")
+        if given is None:
+            third = _out_features(self.part(module, "qkv")) // 3
+            return third, third, third
+        if not isinstance(given, list) or len(given) != 3:
+            raise ValueError(f"options.split lists the q, k and v widths (got {given!r})")
+        q, k, v = (self.size(size, "options.split") for size in given)
+        return q, k, v
+
+
 class MLPBridge(GeneralizedComponent):
-    """MLP, plain (options ``in``, ``out``) or gated (``gate``, ``up``, ``out``).
+    """MLP: plain (options ``in``, ``out``), gated (``gate``, ``up``, ``out``) or fused gated
+    (``gate_up``, whose output is ``[gate | up]``, and ``out``, as Phi-3).
 
     ``hook_pre`` is the pre-activation hidden (the gate under gating), ``hook_pre_linear``
     the up projection of a gated MLP, ``hook_post`` the input of the output projection.
     """
 
-    path_options = ("in", "gate", "up", "out")
-    required_options = ("out",)
+    path_options: ClassVar[tuple[str, ...]] = ("in", "gate", "up", "gate_up", "out")
+    required_options: ClassVar[tuple[str, ...]] = ("out",)
     internal_hooks = ("hook_pre", "hook_pre_linear", "hook_post")
+    hook_shapes: ClassVar[dict[str, Shape]] = {
+        "hook_in": RESID,
+        "hook_pre": MLP_HIDDEN,
+        "hook_pre_linear": MLP_HIDDEN,
+        "hook_post": MLP_HIDDEN,
+        "hook_out": RESID,
+    }
     hook_pre: HookPoint
     hook_post: HookPoint
     hook_pre_linear: HookPoint
 
     def bind(self, module: nn.Module) -> None:
+        self.hook_post.bind(InputTap(self.part(module, "out")))
+        if "gate_up" in self.options:
+            fused = self.part(module, "gate_up")
+            half = _out_features(fused) // 2
+            self.hook_pre.bind(ViewTap(OutputTap(fused), (Split((half, half), 0),)))
+            self.hook_pre_linear.bind(ViewTap(OutputTap(fused), (Split((half, half), 1),)))
+            return
         first = "gate" if "gate" in self.options else "in"
         if first not in self.options:
-            raise KeyError(f"component {self.name!r} needs the option 'in' (or 'gate' and 'up')")
+            raise KeyError(
+                f"component {self.name!r} needs the option 'in' (or 'gate' and 'up', or 'gate_up')"
+            )
         self.hook_pre.bind(OutputTap(self.part(module, first)))
-        self.hook_post.bind(InputTap(self.part(module, "out")))
         if "up" in self.options:
             self.hook_pre_linear.bind(OutputTap(self.part(module, "up")))
+
+    def dims(self) -> dict[str, int | None]:
+        """The hidden width from the output projection's input where it tells."""
+        values = super().dims()
+        module = self.original_component
+        out = self.part(module, "out") if module is not None else None
+        width = getattr(out, "in_features", None) or getattr(out, "nx", None)
+        if isinstance(width, int):
+            values["d_mlp"] = width
+        return values
 
 
 def _out_features(module: nn.Module) -> int:

@@ -114,7 +114,7 @@ class CLIPVisionEncoderLayerBridge(PartsComponent):
         "attn": Part(
             AttentionBridge,
             ("self_attn",),
-            {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"},
+            {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj", "rotary": False},
         ),
         "layer_norm2": Part(NormalizationBridge, ("layer_norm2",)),
         "mlp": Part(MLPBridge, ("mlp",), {"in": "fc1", "out": "fc2"}),

@@ -1,0 +1,118 @@
+"""Recording activations for a cache: every call kept, and nothing changed after it is kept.
+
+A `Recorder` hands out one saving hook per hook point. A saved tensor is the live activation
+(detached), not a copy, unless the model is known to change that tensor in place later in
+the forward (HF adds to residuals in place in some models: Falcon's ``mlp_output +=
+attention_output``), in which case it is copied when saved. What is known comes from the
+tensors' version counters: the first time a point is cached, its tensor is copied and the
+original's version is compared after the forward; the answer is kept on the hook point
+(`HookPoint.copy_on_cache`). Inference tensors have no version counter and are always copied.
+A point found changed although it was thought safe is an error, never a silently wrong cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from bridge_core.errors import BridgeError, InputError
+from bridge_core.hooks import HookFn, HookPoint
+
+
+@dataclass
+class _Saved:
+    value: torch.Tensor
+    original: torch.Tensor | None  # the live tensor, when its version is to be checked
+    version: int = 0
+    copied: bool = False
+
+
+@dataclass
+class Recorder:
+    """Saves activations of the points it hands hooks out for, and assembles a cache's data.
+
+    Attributes:
+        device: where to put saved tensors (None: where they are).
+        remove_batch_dim: drop the batch dimension (batch of one).
+    """
+
+    device: torch.device | str | None = None
+    remove_batch_dim: bool = False
+    _saved: dict[str, list[_Saved]] = field(default_factory=dict)
+    _points: dict[str, HookPoint] = field(default_factory=dict)
+
+    def saver(self, key: str, point: HookPoint) -> HookFn:
+        """A hook that saves what `point` sees under `key` (``name`` or ``name_grad``)."""
+        self._points[key] = point
+        calls = self._saved.setdefault(key, [])
+
+        def save(tensor: torch.Tensor, hook: HookPoint) -> None:
+            calls.append(self._save(tensor, point))
+
+        return save
+
+    def _save(self, tensor: torch.Tensor, point: HookPoint) -> _Saved:
+        value = tensor.detach()
+        if self.remove_batch_dim:
+            if value.shape[0] != 1:
+                raise InputError(
+                    f"remove_batch_dim=True needs a batch of one; {point.name!r} has batch "
+                    f"size {value.shape[0]}"
+                )
+            value = value[0]
+        if self.device is not None and value.device != torch.device(self.device):
+            return _Saved(value.to(self.device), None, copied=True)  # a copy already
+        if value.is_inference():
+            return _Saved(value.clone(), None, copied=True)
+        if point.copy_on_cache is False:
+            return _Saved(value, value, value._version)
+        return _Saved(value.clone(), value, value._version, copied=True)
+
+    def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """(one tensor per key, every call of keys that fired more than once).
+
+        A point that fired several times is kept as its adapter declares (``collect``):
+        stacked on a new first dimension, concatenated on the first, or as a list only.
+
+        Raises:
+            BridgeError: the model changed a saved tensor in place that was not copied.
+        """
+        tensors: dict[str, torch.Tensor] = {}
+        calls: dict[str, list[torch.Tensor]] = {}
+        for key, saved in self._saved.items():
+            if not saved:
+                continue
+            point = self._points[key]
+            self._learn(key, point, saved)
+            values = [s.value for s in saved]
+            if len(values) == 1:
+                tensors[key] = values[0]
+                continue
+            calls[key] = values
+            combined = _combine(values, point.collect)
+            if combined is not None:
+                tensors[key] = combined
+        return tensors, calls
+
+    def _learn(self, key: str, point: HookPoint, saved: Iterable[_Saved]) -> None:
+        changed = [s for s in saved if s.original is not None and s.original._version != s.version]
+        if any(not s.copied for s in changed):
+            point.copy_on_cache = True
+            raise BridgeError(
+                f"the model changed {key!r} in place after it was cached, so the cached value "
+                "is not the activation; the bridge copies it from now on: run again"
+            )
+        checked = [s for s in saved if s.original is not None]
+        if checked and point.copy_on_cache is None:
+            point.copy_on_cache = bool(changed)
+
+
+def _combine(values: list[torch.Tensor], collect: str) -> torch.Tensor | None:
+    """The calls as one tensor, or None (kept as a list) where their shapes do not allow it."""
+    if collect == "stack" and all(v.shape == values[0].shape for v in values):
+        return torch.stack(values)
+    if collect == "cat" and all(v.shape[1:] == values[0].shape[1:] for v in values):
+        return torch.cat(values)
+    return None
