@@ -1,0 +1,74 @@
+"""Bad inputs get our errors, naming what was wrong, where, and what is accepted.
+
+Each test is one row group of the bad-input matrix in docs/errors.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from bridge_adapters.tiny import build_tokenizer
+from bridge_core import (
+    AdapterSpec,
+    HookPoint,
+    InputError,
+    PluginLoadError,
+    SpecError,
+    TransformerBridge,
+    get_registry,
+    hookimpl,
+)
+from bridge_core.registry import Registry
+
+
+def zero(tensor: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+    return torch.zeros_like(tensor)
+
+
+def no_hooks(bridge: TransformerBridge) -> bool:
+    return not any(point.has_hooks for point in bridge.hook_dict.values())
+
+
+def returning(value: Any) -> Any:
+    """A hook implementation that returns `value`."""
+
+    @hookimpl
+    def impl() -> Any:
+        return value
+
+    return impl
+
+
+def gpt2_spec(**update: Any) -> AdapterSpec:
+    return get_registry().adapter("gpt2").model_copy(update={"name": "mine", **update})
+
+
+def test_a_bare_hook_pair_instead_of_a_list_of_pairs(
+    gpt2_bridge: TransformerBridge, ids: torch.Tensor
+) -> None:
+    pair = ("blocks.0.hook_resid_pre", zero)
+    fix = r"wrap it in a list, {}=\[\('blocks\.0\.hook_resid_pre', fn\)\]"
+    with pytest.raises(InputError, match=fix.format("fwd_hooks")):
+        gpt2_bridge.run_with_hooks(ids, fwd_hooks=pair)  # type: ignore[arg-type]  # bad on purpose
+    with pytest.raises(InputError, match=fix.format("bwd_hooks")):
+        gpt2_bridge.run_with_hooks(ids, bwd_hooks=pair)  # type: ignore[arg-type]  # bad on purpose
+    with pytest.raises(InputError, match=fix.format("fwd_hooks")):
+        gpt2_bridge.hooks(pair).__enter__()  # type: ignore[arg-type]  # bad on purpose
+    with pytest.raises(InputError, match=fix.format("fwd_hooks")):
+        gpt2_bridge.generate(ids[:1, :4], max_new_tokens=1, fwd_hooks=pair)
+    # the other malformed lists name the entry; a valid pair before it is not left attached
+    with pytest.raises(InputError, match=r"fwd_hooks\[1\]: the hook name is None"):
+        gpt2_bridge.run_with_hooks(ids, fwd_hooks=[pair, (None, zero)])  # type: ignore[list-item]  # bad on purpose
+    with pytest.raises(InputError, match=r"fwd_hooks\[0\]: .* is None, not callable"):
+        gpt2_bridge.run_with_hooks(ids, fwd_hooks=[("hook_embed", None)])  # type: ignore[list-item]  # bad on purpose
+    with pytest.raises(InputError, match=r"fwd_hooks\[0\] must be a \(hook name or filter"):
+        gpt2_bridge.run_with_hooks(ids, fwd_hooks=["hook_embed"])  # type: ignore[list-item]  # bad on purpose
+    assert no_hooks(gpt2_bridge)
+    # the accepted form still works: the edit reaches the logits
+    clean = gpt2_bridge(ids)
+    assert not torch.equal(gpt2_bridge.run_with_hooks(ids, fwd_hooks=[pair]), clean)
