@@ -72,3 +72,20 @@ def test_a_bare_hook_pair_instead_of_a_list_of_pairs(
     # the accepted form still works: the edit reaches the logits
     clean = gpt2_bridge(ids)
     assert not torch.equal(gpt2_bridge.run_with_hooks(ids, fwd_hooks=[pair]), clean)
+
+
+def test_one_string_in_a_list_needs_no_pad_token(text_models: dict[str, Any]) -> None:
+    model, _ = text_models["gpt2"]
+    tokenizer = build_tokenizer(model.config.vocab_size, pad=None)  # GPT-2's habit: no pad
+    bridge = TransformerBridge.wrap(model, tokenizer=tokenizer)
+    ids = tokenizer("hello world", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model(ids).logits
+
+    assert torch.equal(bridge(["hello world"]), expected)
+    assert torch.equal(bridge.to_tokens(["hello world"]), ids)
+    same_length = ["the cat sat", "the dog sat"]
+    assert len({len(row) for row in tokenizer(same_length)["input_ids"]}) == 1
+    assert bridge(same_length).shape[0] == 2  # equal lengths: nothing to pad either
+    with pytest.raises(InputError, match=r"different lengths \(\d+, \d+ tokens\).*no pad token"):
+        bridge(["hello world", "the cat sat on the mat"])
