@@ -29,7 +29,11 @@ class HookNames:
         if canonical not in self.points:
             raise HookNameError(f"alias {alias!r} points at {target!r}, which is no hook point")
         if alias in self.points:
-            raise HookNameError(f"alias {alias!r} is already a canonical hook name")
+            raise HookNameError(
+                f"alias {alias!r} is already a canonical hook name; an alias cannot redirect "
+                f"one (here to {target!r}). Accepted: alias names that are no canonical hook "
+                "name (bridge.hook_dict lists those)"
+            )
         self.aliases[alias] = canonical
 
     def all_names(self) -> list[str]:

@@ -89,3 +89,20 @@ def test_one_string_in_a_list_needs_no_pad_token(text_models: dict[str, Any]) ->
     assert bridge(same_length).shape[0] == 2  # equal lengths: nothing to pad either
     with pytest.raises(InputError, match=r"different lengths \(\d+, \d+ tokens\).*no pad token"):
         bridge(["hello world", "the cat sat on the mat"])
+
+
+@pytest.mark.parametrize(
+    ("key", "alias"),
+    [("blocks.0.hook_in", "blocks.0.hook_in"), ("blocks.{i}.hook_in", "blocks.0.hook_in")],
+)
+def test_an_alias_that_is_a_canonical_name(
+    text_models: dict[str, Any], key: str, alias: str
+) -> None:
+    model, _ = text_models["gpt2"]
+    spec = gpt2_spec(hook_aliases={key: key.replace("hook_in", "hook_out")})
+    with pytest.raises(SpecError) as error:
+        TransformerBridge.wrap(model, adapter=spec)
+    message = str(error.value)
+    assert f"adapter spec 'mine', hook_aliases.{key}:" in message
+    assert f"alias {alias!r} is already a canonical hook name" in message
+    assert "Accepted: alias names that are no canonical hook name" in message
