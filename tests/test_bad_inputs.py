@@ -106,3 +106,21 @@ def test_an_alias_that_is_a_canonical_name(
     assert f"adapter spec 'mine', hook_aliases.{key}:" in message
     assert f"alias {alias!r} is already a canonical hook name" in message
     assert "Accepted: alias names that are no canonical hook name" in message
+
+
+@pytest.mark.parametrize(
+    ("model_class", "problem"),
+    [
+        ("GPT2Config", "transformers.GPT2Config is a class, but no PreTrainedModel subclass"),
+        ("pipeline", "transformers.pipeline is a function, not a model class"),
+        ("GPT2LMHeadModl", "transformers has no 'GPT2LMHeadModl'. Did you mean 'GPT2LMHeadModel'"),
+    ],
+)
+def test_a_model_class_that_is_no_model_class(
+    saved_gpt2: Path, model_class: str, problem: str
+) -> None:
+    with pytest.raises(SpecError) as error:
+        TransformerBridge.boot(saved_gpt2, adapter=gpt2_spec(model_class=model_class))
+    message = str(error.value)
+    assert message.startswith(f"adapter spec 'mine', model_class: {problem}")
+    assert "Accepted: the name of a transformers model class (a PreTrainedModel subclass" in message
