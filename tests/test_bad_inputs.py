@@ -124,3 +124,32 @@ def test_a_model_class_that_is_no_model_class(
     message = str(error.value)
     assert message.startswith(f"adapter spec 'mine', model_class: {problem}")
     assert "Accepted: the name of a transformers model class (a PreTrainedModel subclass" in message
+
+
+@pytest.mark.parametrize(
+    ("hook", "returned", "message"),
+    [
+        ("register_adapters", 3, "register_adapters returned int; expected a list of AdapterSpec"),
+        ("register_adapters", "gpt2.toml", "register_adapters returned str; expected a list"),
+        ("register_adapters", None, "register_adapters returned AdapterSpec.*return \\[spec\\]"),
+        ("register_components", ["attention"], "register_components returned list; expected a "),
+        ("register_components", {3: object}, "register_components: kind 3 is not a name"),
+    ],
+)
+def test_a_plugin_hook_that_returns_the_wrong_type(hook: str, returned: Any, message: str) -> None:
+    registry = Registry(autoload=False)
+    before = (registry.adapters(), registry.plugins(), registry.component_kinds())
+    if returned is None:  # one spec, not a list of them
+        returned = gpt2_spec(architectures=["MineForCausalLM"])
+    valid: Any = {
+        "register_adapters": [gpt2_spec(name="mine-ok", architectures=["OkForCausalLM"])],
+        "register_components": {},
+    }
+    plugin = SimpleNamespace(
+        **{**{k: returning(v) for k, v in valid.items()}, hook: returning(returned)}
+    )
+    with pytest.raises(PluginLoadError, match=f"plugin 'odd' hook {message}"):
+        registry.register(plugin, name="odd")
+    # nothing half-registered: not even the valid hook's adapter, and the name is free again
+    assert (registry.adapters(), registry.plugins(), registry.component_kinds()) == before
+    assert registry.register(SimpleNamespace(), name="odd") == "odd"
