@@ -269,16 +269,21 @@ def _add_point(
 
 def _add_spec_alias(names: HookNames, alias: str, target: str, spec: AdapterSpec) -> None:
     if "{i}" not in alias:
-        try:
-            names.add_alias(alias, target)
-        except BridgeError as exc:
-            raise SpecError(f"adapter spec {spec.name!r}, hook_aliases.{alias}: {exc}") from exc
+        _add_alias(names, alias, target, spec, alias)
         return
     i = 0
     while (t := target.replace("{i}", str(i))) in names.points or t in names.aliases:
-        names.add_alias(alias.replace("{i}", str(i)), t)
+        _add_alias(names, alias.replace("{i}", str(i)), t, spec, alias)
         i += 1
     if i == 0:
         raise SpecError(
             f"adapter spec {spec.name!r}, hook_aliases.{alias}: {target!r} matches no hook point"
         )
+
+
+def _add_alias(names: HookNames, alias: str, target: str, spec: AdapterSpec, key: str) -> None:
+    """Add one alias of the spec; a refusal names the spec and its key in ``hook_aliases``."""
+    try:
+        names.add_alias(alias, target)
+    except BridgeError as exc:
+        raise SpecError(f"adapter spec {spec.name!r}, hook_aliases.{key}: {exc}") from exc

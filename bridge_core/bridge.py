@@ -336,8 +336,8 @@ class TransformerBridge(nn.Module):
         bwd_hooks: Sequence[HookSpec] = (),
     ) -> Iterator[TransformerBridge]:
         """Attach hooks for the duration of a ``with`` block; they go when it ends or raises."""
-        fwd = [(self._names.select(n), fn) for n, fn in fwd_hooks]  # resolve all names first
-        bwd = [(self._names.select(n), fn) for n, fn in bwd_hooks]
+        fwd = self._names.select_hooks(fwd_hooks, "fwd_hooks")  # check all pairs first
+        bwd = self._names.select_hooks(bwd_hooks, "bwd_hooks")
         points = self._names.points
         handles: list[HookHandle] = []
         try:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from bridge_core.errors import AdapterNotFoundError, BootError
+from bridge_core.errors import AdapterNotFoundError, BootError, SpecError, did_you_mean
 from bridge_core.registry import Registry, get_registry
 from bridge_core.spec import AdapterSpec
 
@@ -148,16 +148,44 @@ def _load_config(source: str, kwargs: dict[str, Any]) -> Any:
         ) from exc
 
 
+MODEL_CLASS_ACCEPTED = (
+    "the name of a transformers model class (a PreTrainedModel subclass, e.g. 'LlamaForCausalLM')"
+)
+
+
 def _model_class(spec: AdapterSpec, config: Any) -> Any:
+    """The transformers model class to load: the spec's ``model_class`` or the config's first
+    architecture.
+
+    Raises:
+        SpecError: the spec's ``model_class`` is no transformers model class.
+        BootError: the spec has none, and the config names no transformers model class.
+    """
     import transformers
 
     architectures = getattr(config, "architectures", None) or []
     name = spec.model_class or (architectures[0] if architectures else None)
-    model_class = getattr(transformers, name, None) if name else None
-    if model_class is None:
+    found = getattr(transformers, name, None) if name else None
+    if isinstance(found, type) and issubclass(found, transformers.PreTrainedModel):
+        return found
+    if name is None:
         raise BootError(
-            f"adapter {spec.name!r} cannot tell which HF class to load: config architectures "
-            f"{architectures}, model_class {spec.model_class!r}, and transformers has no class "
-            f"{name!r}"
+            f"adapter {spec.name!r} cannot tell which HF class to load: the config names no "
+            f"architectures and the spec no model_class. Accepted: {MODEL_CLASS_ACCEPTED}"
         )
-    return model_class
+    if found is None:
+        problem = f"transformers has no {name!r}"
+    elif isinstance(found, type):
+        problem = f"transformers.{name} is a class, but no PreTrainedModel subclass"
+    else:
+        problem = f"transformers.{name} is a {type(found).__name__}, not a model class"
+    candidates = [n for n in dir(transformers) if "Model" in n or "For" in n]
+    problem += "." + did_you_mean(name, candidates)
+    if spec.model_class is not None:
+        raise SpecError(
+            f"adapter spec {spec.name!r}, model_class: {problem} Accepted: {MODEL_CLASS_ACCEPTED}"
+        )
+    raise BootError(
+        f"adapter {spec.name!r} cannot load the config's architecture {name!r}: {problem} "
+        f"Set the spec's model_class to {MODEL_CLASS_ACCEPTED}"
+    )

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from bridge_core.errors import HookNameError, InputError, did_you_mean
-from bridge_core.hooks import HookPoint
+from bridge_core.hooks import HookFn, HookPoint
 
 NamesFilter = None | str | Iterable[str] | Callable[[str], bool]
+PAIRS_ACCEPTED = (
+    "a list of (hook name or filter, hook function) pairs, e.g. "
+    "[('blocks.0.hook_resid_pre', fn)]; a filter is a list of names or a callable name -> bool"
+)
 
 
 @dataclass
@@ -24,7 +29,11 @@ class HookNames:
         if canonical not in self.points:
             raise HookNameError(f"alias {alias!r} points at {target!r}, which is no hook point")
         if alias in self.points:
-            raise HookNameError(f"alias {alias!r} is already a canonical hook name")
+            raise HookNameError(
+                f"alias {alias!r} is already a canonical hook name; an alias cannot redirect "
+                f"one (here to {target!r}). Accepted: alias names that are no canonical hook "
+                "name (bridge.hook_dict lists those)"
+            )
         self.aliases[alias] = canonical
 
     def all_names(self) -> list[str]:
@@ -76,3 +85,47 @@ class HookNames:
             f"names_filter must be None, a hook name, a list of hook names or a callable "
             f"name -> bool; got {type(names_filter).__name__}"
         )
+
+    def select_hooks(self, hooks: Any, argument: str) -> list[tuple[list[str], HookFn]]:
+        """Resolve `hooks` (what a user passed as `argument`, e.g. ``fwd_hooks``) to
+        (canonical names, hook function) pairs, checking every pair before any is used.
+
+        Raises:
+            InputError: `hooks` is not a list of (name or filter, function) pairs (a bare
+                pair is refused with the fix), or a name is None or a function not callable.
+            HookNameError: a name is unknown.
+        """
+        if isinstance(hooks, tuple | list) and len(hooks) == 2 and callable(hooks[1]):
+            raise InputError(
+                f"{argument} must be a list of (hook name or filter, hook function) pairs; got "
+                f"one bare pair {_short(hooks)}: wrap it in a list, "
+                f"{argument}=[({_short(hooks[0])}, fn)]"
+            )
+        if isinstance(hooks, str | bytes | dict) or not isinstance(hooks, Iterable):
+            raise InputError(f"{argument} must be {PAIRS_ACCEPTED}; got {_short(hooks)}")
+        selected = []
+        for i, pair in enumerate(hooks):
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise InputError(
+                    f"{argument}[{i}] must be a (hook name or filter, hook function) pair; got "
+                    f"{_short(pair)}. Accepted: {PAIRS_ACCEPTED}"
+                )
+            names, fn = pair
+            if names is None:  # select(None) would mean every hook point
+                raise InputError(
+                    f"{argument}[{i}]: the hook name is None. Accepted: {PAIRS_ACCEPTED}; "
+                    "for every hook point use lambda name: True"
+                )
+            if not callable(fn):
+                raise InputError(
+                    f"{argument}[{i}]: the hook function for {_short(names)} is "
+                    f"{_short(fn)}, not callable. Accepted: fn(tensor, hook) -> tensor | None"
+                )
+            selected.append((self.select(names), fn))
+        return selected
+
+
+def _short(value: object) -> str:
+    """`value`'s repr, cut to 80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

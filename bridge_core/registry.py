@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import Any
@@ -246,11 +247,11 @@ class Registry:
         components: dict[str, type[GeneralizedComponent]] = {}
         for impl in self._pm.hook.register_adapters.get_hookimpls():
             if impl.plugin_name == name:
-                for spec in _call(impl, "register_adapters") or ():
+                for spec in _returned_specs(impl, name):
                     adapters.append(self._validated(spec, "register_adapters", name))
         for impl in self._pm.hook.register_components.get_hookimpls():
             if impl.plugin_name == name:
-                for kind, cls in dict(_call(impl, "register_components") or {}).items():
+                for kind, cls in _returned_kinds(impl, name).items():
                     if not (isinstance(cls, type) and issubclass(cls, GeneralizedComponent)):
                         raise PluginLoadError(
                             f"plugin {name!r} hook register_components: kind {kind!r} maps to "
@@ -332,6 +333,48 @@ def _call(impl: Any, hook: str, **kwargs: Any) -> Any:
         raise PluginLoadError(
             f"plugin {impl.plugin_name!r} hook {hook} raised {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _returned_specs(impl: Any, plugin: str) -> list[object]:
+    """What `register_adapters` returned, as a list: None, or an iterable of specs."""
+    result = _call(impl, "register_adapters")
+    if result is None:
+        return []
+    single = isinstance(result, AdapterSpec | Mapping)
+    if single or isinstance(result, str | bytes) or not isinstance(result, Iterable):
+        fix = " (one spec: return [spec])" if single else ""
+        raise PluginLoadError(
+            f"plugin {plugin!r} hook register_adapters returned {type(result).__name__}; "
+            f"expected a list of AdapterSpec objects (or dicts that validate as one){fix}"
+        )
+    try:
+        return list(result)
+    except Exception as exc:  # a generator that raises
+        raise PluginLoadError(
+            f"plugin {plugin!r} hook register_adapters raised {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _returned_kinds(impl: Any, plugin: str) -> dict[str, object]:
+    """What `register_components` returned, as a dict: None, or a mapping kind -> class."""
+    result = _call(impl, "register_components")
+    if result is None:
+        return {}
+    if not isinstance(result, Mapping):
+        raise PluginLoadError(
+            f"plugin {plugin!r} hook register_components returned {type(result).__name__}; "
+            "expected a mapping of kind name -> GeneralizedComponent subclass, e.g. "
+            "{'my_attention': MyAttentionBridge}"
+        )
+    kinds = dict(result)
+    for kind in kinds:
+        if not isinstance(kind, str) or not kind:
+            raise PluginLoadError(
+                f"plugin {plugin!r} hook register_components: kind {kind!r} is not a name; "
+                "expected a mapping of kind name (a non-empty str) -> GeneralizedComponent "
+                "subclass"
+            )
+    return kinds
 
 
 def _own_version() -> str | None:

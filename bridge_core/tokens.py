@@ -28,12 +28,12 @@ def tokenize(
     if tokenizer is None:
         raise InputError("this bridge has no tokenizer; pass input_ids=... or wrap(tokenizer=...)")
     kwargs: dict[str, Any] = {"return_tensors": "pt"}
-    if isinstance(text, list):
-        if tokenizer.pad_token is None:
-            raise InputError("batching strings of different lengths needs a pad token")
+    if isinstance(text, list) and tokenizer.pad_token is not None:
         kwargs["padding"] = True
         if padding_side is not None:
             kwargs["padding_side"] = padding_side
+    elif isinstance(text, list):  # no pad token: fine as long as nothing needs padding
+        _check_same_lengths(tokenizer, text)
     encoded = tokenizer(text, **kwargs)
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     bos = tokenizer.bos_token_id
@@ -45,6 +45,20 @@ def tokenize(
         elif not prepend_bos and has_bos:
             ids, mask = ids[:, 1:], mask[:, 1:]
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def _check_same_lengths(tokenizer: Any, texts: list[str]) -> None:
+    """Refuse a batch of texts that tokenize to different lengths (there is no pad token)."""
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    if len(set(lengths)) > 1:
+        shown = ", ".join(map(str, lengths[:8])) + (", ..." if len(lengths) > 8 else "")
+        raise InputError(
+            f"the {len(texts)} texts tokenize to different lengths ({shown} tokens) and the "
+            f"tokenizer ({type(tokenizer).__name__}) has no pad token to pad them with. "
+            "Accepted: texts of one token length, input_ids you padded yourself (with "
+            "attention_mask=), or a tokenizer with a pad token (e.g. "
+            "bridge.tokenizer.pad_token = bridge.tokenizer.eos_token)"
+        )
 
 
 def process(processor: Any, text: TextInput, images: Any) -> dict[str, torch.Tensor]:

@@ -19,8 +19,8 @@ from safetensors import safe_open
 
 from bridge_core import AdapterSpec, TransformerBridge, get_registry
 from bridge_core.cli import main
-from bridge_core.cli_demo import CACHE_ENV, DEFAULT_DIR, default_model
-from bridge_core.cli_render import Output
+from bridge_core.cli.demo import CACHE_ENV, DEFAULT_DIR, default_model
+from bridge_core.cli.render import Output
 
 Run = Callable[..., tuple[int, str, str]]
 
@@ -256,7 +256,7 @@ def test_unexpected_errors_are_one_line_with_a_hint(
     def boom(*args: Any) -> int:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr("bridge_core.cli_registry.cmd_architectures", boom)
+    monkeypatch.setattr("bridge_core.cli.listing.cmd_architectures", boom)
     code, _, err = cli("architectures")
     line = one_error_line(err)
     assert code == 1 and "RuntimeError: disk on fire" in line and "--debug" in line
@@ -323,7 +323,7 @@ def test_demo_reports_differing_logits(
 
 
 def test_demo_without_the_llava_plugin(cli: Run, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("bridge_core.cli_demo.DEMO_GROUP", "tb_no_such_group")
+    monkeypatch.setattr("bridge_core.cli.demo.DEMO_GROUP", "tb_no_such_group")
     code, _, err = cli("demo")
     line = one_error_line(err)
     assert code == 1 and "demo's default model" in line and "pip install" in line
@@ -344,3 +344,34 @@ def test_run_on_the_llava_model_caches_vision_hooks_only_with_an_image(
     assert code == 0 and "vision_projector.hook_out" in out and "[1, 16, 64]" in out
     code, out, _ = cli("--plain", "run", llava_dir, "--prompt", "Hi", *names)
     assert code == 0 and "2 selected hook points did not fire" in out
+
+
+def test_only_the_running_subcommand_is_imported() -> None:
+    code = (
+        "import sys\n"
+        "from bridge_core.cli import main\n"
+        "def loaded(): return sorted(m for m in sys.modules if m.startswith('bridge_core.cli.'))\n"
+        "assert main(['--help']) == 0\n"
+        "print('loaded:', loaded())\n"
+        "assert main(['--plain', 'architectures']) == 0\n"
+        "print('loaded:', loaded())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("loaded: ")]
+    after_help, after_architectures = lines
+    assert after_help == "loaded: ['bridge_core.cli.app', 'bridge_core.cli.render']"
+    assert "bridge_core.cli.listing" in after_architectures
+    for other in ("demo", "hooks", "model", "run", "spec"):
+        assert f"bridge_core.cli.{other}'" not in after_architectures
+
+
+def test_the_full_parser_sets_up_every_subcommand() -> None:
+    from bridge_core.cli.app import build_parser
+    from bridge_core.cli.spec import cmd_spec_show
+
+    parser = build_parser()  # every subcommand at once (for tools such as shell completion)
+    args = parser.parse_args(["run", "some/model", "--prompt", "hi", "--plain"])
+    assert args.top_k == 5 and args.plain and args.model == "some/model"
+    assert parser.parse_args(["spec", "show", "gpt2"]).handler is cmd_spec_show
+    assert parser.parse_args(["demo"]).model is None

@@ -21,9 +21,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from bridge_core.cli import PROG, CommandFailed, UsageError
-from bridge_core.cli_model import DTYPES, activation_rows, boot, inputs_for, load_image, shape
-from bridge_core.cli_render import Output
+from bridge_core.cli.app import PROG, CommandFailed, UsageError
+from bridge_core.cli.model import (
+    DTYPES,
+    activation_rows,
+    boot,
+    inputs_for,
+    load_image,
+    model_options,
+    shape,
+)
+from bridge_core.cli.render import Output
 from bridge_core.components.base import GeneralizedComponent
 
 if TYPE_CHECKING:
@@ -46,6 +54,16 @@ def cache_dir() -> Path:
         return Path(override).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "transformer-bridge"
+
+
+def setup(parser: argparse.ArgumentParser) -> None:
+    """The model options (MODEL optional), ``--prompt`` and ``--fresh``."""
+    model_options(parser, model_required=False)
+    parser.add_argument("--prompt", help="prompt text (default: a short question)")
+    parser.add_argument(
+        "--fresh", action="store_true", help="rebuild the embedded default model (no MODEL)"
+    )
+    parser.set_defaults(handler=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace, out: Output) -> int:

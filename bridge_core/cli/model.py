@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bridge_core.cli import PROG, UsageError
+from bridge_core.cli.app import PROG, UsageError
 from bridge_core.errors import AdapterNotFoundError, BootError, did_you_mean
 from bridge_core.spec import AdapterSpec
 
@@ -25,6 +25,37 @@ TEXT_PROMPT = "The quick brown fox jumps over the lazy dog"
 IMAGE_PROMPT = "What is in this picture?"
 MODEL_ACCEPTED = "a local directory written by save_pretrained (with config.json), or a hub id"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def model_options(
+    parser: argparse.ArgumentParser, model_required: bool = True, image_default: bool = True
+) -> None:
+    """Add what the model commands share: MODEL, ``--adapter``, ``--device``, ``--dtype``,
+    ``--image``."""
+    parser.add_argument(
+        "model",
+        nargs=None if model_required else "?",
+        metavar="MODEL",
+        help="local model directory or hub id (HF cache and offline rules apply)",
+    )
+    parser.add_argument(
+        "--adapter",
+        metavar="NAME|FILE",
+        help="adapter name or TOML/JSON spec file (default: chosen by the registry)",
+    )
+    parser.add_argument("--device", default="cpu", help="device to run on (default: cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16", "auto"),
+        help="weights dtype (default: HF's default)",
+    )
+    parser.add_argument(
+        "--image",
+        metavar="PATH",
+        type=Path,
+        help="image file for a multimodal model (default: "
+        + ("a generated one)" if image_default else "none, a text-only run)"),
+    )
 
 
 def boot(args: argparse.Namespace, model: str | None = None) -> TransformerBridge:

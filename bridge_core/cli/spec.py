@@ -1,63 +1,27 @@
-"""``transformer-bridge architectures``, ``plugins`` and ``spec show|validate``: the registry."""
+"""``transformer-bridge spec show NAME`` and ``spec validate FILE``: adapter specs."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
-from bridge_core.cli import CommandFailed, UsageError
-from bridge_core.cli_render import Output
+from bridge_core.cli.app import CommandFailed, UsageError, add_command
+from bridge_core.cli.render import Output
 from bridge_core.errors import AdapterNotFoundError
 from bridge_core.registry import get_registry
 
 
-def cmd_architectures(args: argparse.Namespace, out: Output) -> int:
-    """Each adapter: its architectures and the plugin (distribution, version) it comes from."""
-    registry = get_registry()
-    rows = []
-    for spec in sorted(registry.adapters(), key=lambda s: s.name):
-        source = registry.adapter_source(spec.name)
-        dist = f"{source.distribution or '-'} {source.version or ''}".strip()
-        rows.append((spec.name, ", ".join(spec.architectures), source.name, dist))
-    out.table("Adapters", ("adapter", "architectures", "plugin", "distribution"), rows)
-    return 0
-
-
-def cmd_plugins(args: argparse.Namespace, out: Output) -> int:
-    """Loaded plugins, component kinds, and load errors (exit 1 if a plugin failed)."""
-    registry = get_registry()
-    with warnings.catch_warnings():  # load errors are listed below, not warned about
-        warnings.simplefilter("ignore", RuntimeWarning)
-        plugins, errors = registry.plugins(), registry.plugin_errors
-    adapters: dict[str, list[str]] = {}
-    for spec in registry.adapters():
-        adapters.setdefault(registry.adapter_source(spec.name).name, []).append(spec.name)
-    rows = [
-        (
-            p.name,
-            p.module,
-            p.distribution or "-",
-            p.version or "-",
-            ", ".join(adapters.get(p.name, [])),
-        )
-        for p in plugins
-    ]
-    out.table("Plugins", ("plugin", "module", "distribution", "version", "adapters"), rows)
-    kinds = registry.component_kinds()
-    out.table(
-        "Component kinds",
-        ("kind", "class"),
-        [(kind, f"{cls.__module__}.{cls.__qualname__}") for kind, cls in sorted(kinds.items())],
-    )
-    if errors:
-        out.table(
-            "Load errors", ("plugin", "error"), [(p, str(e)) for p, e in sorted(errors.items())]
-        )
-        return 1
-    out.line("No plugin failed to load.", style="green")
-    return 0
+def setup(parser: argparse.ArgumentParser) -> None:
+    """The actions ``show NAME [--format toml|json]`` and ``validate FILE``."""
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    show = add_command(actions, "show", "print a registered adapter's spec")
+    show.add_argument("name", metavar="NAME", help="adapter name (see `architectures`)")
+    show.add_argument("--format", choices=("toml", "json"), default="toml")
+    show.set_defaults(handler=cmd_spec_show)
+    validate = add_command(actions, "validate", "check a TOML/JSON spec file")
+    validate.add_argument("file", metavar="FILE", type=Path, help="a .toml or .json spec")
+    validate.set_defaults(handler=cmd_spec_validate)
 
 
 def cmd_spec_show(args: argparse.Namespace, out: Output) -> int:
@@ -73,7 +37,6 @@ def cmd_spec_show(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_spec_validate(args: argparse.Namespace, out: Output) -> int:
     """Validate a spec file: schema, then component kinds against the registry."""
-    from bridge_core.registry import get_registry
     from bridge_core.spec import AdapterSpec, ComponentSpec
 
     path: Path = args.file
