@@ -89,7 +89,7 @@ def run_corner(corner: Corner, pytest_args: list[str], keep: bool) -> None:
     start = time.monotonic()
     venv = Path(tempfile.mkdtemp(prefix=f"compat-tf{corner.transformers}-torch{corner.torch}-"))
     python = str(venv / "bin" / "python")
-    env = _index_env()
+    env = {**_index_env(), "TRANSFORMER_BRIDGE_CACHE": str(venv / "tb-cache")}
     try:
         _run([sys.executable, "-m", "venv", str(venv)])
         pins = venv / "pins.txt"
@@ -135,13 +135,15 @@ _VERSIONS = (
 def _index_env() -> dict[str, str]:
     """The environment for pip: this machine's pip settings, less any cap on torch.
 
-    A pip constraints file (``PIP_CONSTRAINT`` or pip.conf) that caps torch for the lock's
-    sake would hide the newest release the range allows; the corners pin versions themselves.
+    A machine's pip configuration can cap torch (a constraints file for its local wheels)
+    and would hide the newest release the range allows, so pip reads no configuration file
+    here: the corners install from the package index, as users do.
     """
     env = dict(os.environ)
-    env["PIP_CONSTRAINT"] = ""
+    env["PIP_CONFIG_FILE"] = os.devnull
+    env.pop("PIP_CONSTRAINT", None)
+    env.pop("PIP_FIND_LINKS", None)
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    env["TRANSFORMER_BRIDGE_CACHE"] = tempfile.mkdtemp(prefix="compat-cache-")
     return env
 
 
@@ -190,17 +192,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pytest-args", default="-q", help="arguments for pytest")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     parser.add_argument("--json", type=Path, help="write every corner's logs to this file")
+    parser.add_argument(
+        "--only",
+        nargs=2,
+        metavar=("TRANSFORMERS", "TORCH"),
+        help="run this one pair instead of the four corners (for bisecting)",
+    )
     args = parser.parse_args(argv)
 
     ranges = declared_ranges()
-    ends = {name: released(name, ranges[name]) for name in PINNED}
-    corners = [
-        Corner(str(tf), str(pt))
-        for tf, pt in itertools.product(
-            (ends["transformers"][0], ends["transformers"][-1]),
-            (ends["torch"][0], ends["torch"][-1]),
-        )
-    ]
+    if args.only:
+        corners = [Corner(*args.only)]
+    else:
+        ends = {name: released(name, ranges[name]) for name in PINNED}
+        corners = [
+            Corner(str(tf), str(pt))
+            for tf, pt in itertools.product(
+                (ends["transformers"][0], ends["transformers"][-1]),
+                (ends["torch"][0], ends["torch"][-1]),
+            )
+        ]
     for corner in corners:
         print(f"== transformers {corner.transformers}, torch {corner.torch}", flush=True)
         run_corner(corner, args.pytest_args.split(), args.keep)

@@ -74,7 +74,7 @@ class Assembler:
                 if option in spec.options and not isinstance(spec.options[option], list):
                     component.size(spec.options[option], f"options.{option}")
             component.set_original_component(module)
-            _apply_hook_specs(component, spec, module)
+            _apply_hook_specs(component, spec, module, self.model)
         except (KeyError, ValueError, AttributeError, TypeError, BridgeError) as exc:
             if isinstance(exc, SpecError):
                 raise
@@ -129,7 +129,7 @@ class Assembler:
 
 
 def _apply_hook_specs(
-    component: GeneralizedComponent, spec: ComponentSpec, module: nn.Module
+    component: GeneralizedComponent, spec: ComponentSpec, module: nn.Module, model: nn.Module
 ) -> None:
     """The spec's per-component hook settings: taps, removals, calls, collection, shapes."""
     for attr, tap in spec.hooks.items():
@@ -143,8 +143,7 @@ def _apply_hook_specs(
                 f"hooks.{attr}: {attr!r} is a {type(point).__name__}, not a hook point"
             )
         point._tap = None  # rebound below
-        point.bind(_tap(component, module, tap, attr))
-        point.shape = None  # a tap of the spec's own has the shape the spec documents
+        point.bind(_tap(component, module, model, tap, attr))
     for attr, shape in spec.shapes.items():
         point = getattr(component, attr, None)
         if not isinstance(point, HookPoint):
@@ -177,7 +176,9 @@ def _remove(component: GeneralizedComponent, name: str) -> None:
         )
 
 
-def _tap(component: GeneralizedComponent, module: nn.Module, spec: TapSpec, attr: str) -> Tap:
+def _tap(
+    component: GeneralizedComponent, module: nn.Module, model: nn.Module, spec: TapSpec, attr: str
+) -> Tap:
     try:
         target = module.get_submodule(spec.module)
     except AttributeError:
@@ -193,11 +194,11 @@ def _tap(component: GeneralizedComponent, module: nn.Module, spec: TapSpec, attr
         inner = InputTap(target, spec.arg or default)
     if not spec.view:
         return inner
-    steps = tuple(_step(component, module, step, f"hooks.{attr}.view") for step in spec.view)
+    steps = tuple(_step(component, model, step, f"hooks.{attr}.view") for step in spec.view)
     return ViewTap(inner, steps)
 
 
-def _step(component: GeneralizedComponent, module: nn.Module, step: ViewSpec, where: str) -> Step:
+def _step(component: GeneralizedComponent, model: nn.Module, step: ViewSpec, where: str) -> Step:
     def sizes(values: list[int | str]) -> tuple[int, ...]:
         return tuple(component.size(v, f"{where}.{step.operation}") for v in values)
 
@@ -212,7 +213,7 @@ def _step(component: GeneralizedComponent, module: nn.Module, step: ViewSpec, wh
     if step.transpose is not None:
         return Transpose(step.transpose)
     if step.tokens is not None:
-        return Tokens(module.get_submodule(step.tokens))
+        return Tokens(model.get_submodule(step.tokens))
     raise ValueError(f"{where}: an empty view step")  # excluded by ViewSpec's validation
 
 

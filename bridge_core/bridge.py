@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pydantic-backed: imported by the first wrap/boot, not with 
     from bridge_core.config import TransformerBridgeConfig
     from bridge_core.registry import Registry
     from bridge_core.spec import AdapterSpec
+    from bridge_core.verify import VerifyReport
 
 HookSpec = tuple[str | Callable[[str], bool], HookFn]
 ReturnType = Literal["logits", "loss", "both", "raw"] | None
@@ -432,6 +433,20 @@ class TransformerBridge(nn.Module):
         from bridge_core.generation import generate
 
         return generate(self, input, **kwargs)
+
+    def verify(self, inputs: dict[str, Any] | None = None) -> VerifyReport:
+        """Check every hook point of this bridge (see `bridge_core.verify`).
+
+        Args:
+            inputs: HF forward keywords to check with; generated when None (token ids, and
+                images for multimodal adapters).
+
+        Returns:
+            A VerifyReport: ``report.ok``, ``report.failures()``, ``print(report)``.
+        """
+        from bridge_core.verify import verify
+
+        return verify(self, inputs)
 
     def __repr__(self) -> str:
         return f"TransformerBridge({self.adapter.name}: {type(self.original_model).__name__})"

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 PosSlice = int | slice | list[int] | torch.Tensor | None
 
-_ATTN = {"q", "k", "v", "z", "pattern", "attn_scores"}
+_ATTN = {"q", "k", "v", "z", "pattern", "attn_scores", "rot_q", "rot_k", "result"}
 _MLP = {"pre", "post", "pre_linear"}
 _NORM = {"normalized"}
 _SHORT = {"a": "attn", "m": "mlp", "attention": "attn"}

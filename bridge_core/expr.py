@@ -3,10 +3,10 @@
 A spec value that names a size is a small arithmetic expression over named values: the
 attributes of the HF config (in ``[config.from_hf]``) or the fields of the bridge's
 `TransformerBridgeConfig` (in component options and views). Expressions are parsed with
-`ast` and checked once; only names (dotted for nested configs), numbers, ``+ - * / // %``,
-parentheses, unary minus and ``or`` (the first operand that exists and is not None) are
-allowed. Nothing is ever called, and names starting with ``_`` are refused, so a spec can
-read configuration values and nothing else.
+`ast` and checked once; only names (dotted for nested configs), numbers and quoted strings,
+``+ - * / // %``, parentheses, unary minus, ``or`` (the first operand that exists and is not
+None) and ``a if name else b`` are allowed. Nothing is ever called, and names starting with
+``_`` are refused, so a spec can read configuration values and nothing else.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.FloorDiv: operator.floordiv,
     ast.Mod: operator.mod,
 }
-ALLOWED = "names, numbers, + - * / // %, parentheses, unary minus and `or`"
+ALLOWED = "names, numbers, 'strings', + - * / // %, parentheses, unary minus, `or`, `a if b else c`"
 
 
 class ExpressionError(ValueError):
@@ -62,10 +62,10 @@ def _check_node(node: ast.AST, text: str) -> None:
             raise ExpressionError(f"{text!r}: only names can have attributes")
         return
     if isinstance(node, ast.Constant):
-        if isinstance(node.value, bool) or not isinstance(node.value, int | float):
-            raise ExpressionError(f"{text!r}: only numbers are allowed as literals")
+        if isinstance(node.value, bool) or not isinstance(node.value, int | float | str):
+            raise ExpressionError(f"{text!r}: only numbers and strings are allowed as literals")
         return
-    allowed = (ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Load, ast.USub, ast.UAdd, ast.Or)
+    allowed = (ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.IfExp, ast.Load, ast.USub, ast.UAdd, ast.Or)
     if isinstance(node, allowed) or type(node) in _BINARY:
         return
     raise ExpressionError(f"{text!r}: {type(node).__name__} is not allowed; use {ALLOWED}")
@@ -103,6 +103,10 @@ def _eval(node: ast.expr, lookup: Lookup) -> Any:
         return node.value
     if isinstance(node, ast.Name | ast.Attribute):
         return lookup(dotted(node))
+    if isinstance(node, ast.IfExp):
+        test = _eval(node.test, lookup)
+        chosen = node.body if test is not MISSING and bool(test) else node.orelse
+        return _eval(chosen, lookup)
     if isinstance(node, ast.BoolOp):  # only `or` passes the check
         for value in node.values:
             result = _eval(value, lookup)

@@ -42,8 +42,8 @@ class ViewSpec(BaseModel):
     - ``select`` (index) and ``dim``: that index of dimension `dim` (the dimension goes).
     - ``transpose`` ([d0, d1]): two dimensions swapped.
     - ``tokens`` (path): a flattened ``[batch * pos, ...]`` as ``[batch, pos, ...]``, taking
-      batch and pos from the first two dimensions of the input of the module at `path`
-      (relative to the component's module; ``""`` is the module itself).
+      batch and pos from the input ids (or embeddings) of the module at `path`, relative to
+      the model like a top-level component's path (``""``: the model's own input).
 
     Every step is invertible, so an edit of the view is written back into the tensor.
     """
@@ -172,6 +172,21 @@ class VerifySpec(BaseModel):
 
     unreachable: list[str] = Field(default_factory=list)
     """Hook names (fnmatch patterns) whose edits cannot reach the outputs by construction."""
+    skip: dict[str, str] = Field(default_factory=dict)
+    """Checks that do not apply to this architecture, with the reason (``heads``, ``pattern``,
+    ``residual``): e.g. ``pattern = "T5 adds a learned position bias to the scores"``."""
+
+    @field_validator("skip")
+    @classmethod
+    def _skippable(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - {"heads", "pattern", "residual"})
+        if unknown:
+            raise ValueError(
+                f"only 'heads', 'pattern' and 'residual' can be skipped (got {unknown})"
+            )
+        if not all(reason.strip() for reason in value.values()):
+            raise ValueError("a skipped check needs its reason")
+        return value
 
 
 class ConfigMapping(BaseModel):
@@ -185,9 +200,12 @@ class ConfigMapping(BaseModel):
     @field_validator("from_hf")
     @classmethod
     def _expressions(cls, value: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
-        for candidates in value.values():
+        for key, candidates in value.items():
             for text in [candidates] if isinstance(candidates, str) else candidates:
-                _check_expression(text)
+                try:
+                    _check_expression(text)
+                except ValueError as exc:
+                    raise ValueError(f"{key}: {exc}") from None
         return value
 
     @field_validator("from_hf", "fixed")

@@ -118,16 +118,18 @@ class Transpose:
 class Tokens:
     """A flattened ``[batch * pos, ...]`` as ``[batch, pos, ...]``.
 
-    Batch and pos are the first two dimensions of the input of `source`, recorded by a
-    pre-hook that `ViewTap` attaches together with its inner tap.
+    Batch and pos are the first two dimensions of the input (``input_ids``, else
+    ``inputs_embeds``, else the first positional tensor) of `source`, the model or one of
+    its modules, recorded by a pre-hook that `ViewTap` attaches together with its inner tap.
     """
 
     source: nn.Module
     seen: list[tuple[int, int]] = field(default_factory=list, compare=False)
 
     def record(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        tensor = args[0] if args else next(iter(kwargs.values()), None)
-        if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2:
+        candidates = [kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]]
+        tensor = next((t for t in candidates if isinstance(t, torch.Tensor)), None)
+        if tensor is not None and tensor.dim() >= 2:
             self.seen[:] = [(int(tensor.shape[0]), int(tensor.shape[1]))]
 
     def take(self, x: torch.Tensor) -> torch.Tensor:

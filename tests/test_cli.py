@@ -147,7 +147,12 @@ def test_spec_show_prints_a_spec_that_round_trips(cli: Run, fmt: str) -> None:
 def test_spec_show_unknown_name_suggests_the_close_one(cli: Run) -> None:
     code, _, err = cli("spec", "show", "lama")
     line = one_error_line(err)
-    assert code == 2 and "Did you mean 'llama'" in line and "Known adapters: gpt2, llama" in line
+    assert (
+        code == 2
+        and "Did you mean 'llama'" in line
+        and "Known adapters: " in line
+        and "gpt2" in line
+    )
 
 
 def test_spec_validate(cli: Run, tmp_path: Path) -> None:

@@ -55,6 +55,7 @@ COMMANDS = (
         "run", "run:setup", "run a prompt through run_with_cache and show (or save) the activations"
     ),
     Command("spec", "spec:setup", "show or validate adapter specs"),
+    Command("verify", "verify:setup", "check every hook point of a model (exit 1 on a failure)"),
 )
 
 

@@ -118,16 +118,15 @@ class GeneralizedComponent(nn.Module):
             raise ValueError(str(exc)) from None
 
     def dims(self) -> dict[str, int | None]:
-        """Values of the shape symbols for this component's hook points (None: free).
+        """Sizes this component knows of its own, for the shape symbols of its hook points.
 
-        The bridge config's sizes by default; a component over a part of the model with
-        other sizes (a vision tower) overrides it, and its children inherit the override.
+        `verify` starts from the bridge config's sizes (``d_model``, ``n_heads``, ``d_head``,
+        ``n_kv_heads``, ``d_mlp``, ``d_vocab``) and the inputs' ``batch`` and ``pos``; each
+        component's values override them for itself and its children. None makes a symbol
+        free (any size, the same wherever it appears in one shape): a vision tower sets its
+        own widths and frees ``batch`` and ``pos``. Nothing by default.
         """
-        cfg = self.config
-        names = ("d_model", "n_heads", "d_head", "d_mlp", "d_vocab")
-        values: dict[str, int | None] = {n: getattr(cfg, n, None) for n in names}
-        values["n_kv_heads"] = getattr(cfg, "n_key_value_heads", None)
-        return values
+        return {}
 
     def unreachable_hooks(self) -> list[str]:
         """Full names of this component's hook points whose edits cannot reach the outputs.
@@ -141,10 +140,11 @@ class GeneralizedComponent(nn.Module):
         """Counts that hook points' ``calls`` expressions may name (``{"n_images": 2}``)."""
         return {}
 
-    def example_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+    def example_inputs(self, inputs: dict[str, Any], processor: Any = None) -> dict[str, Any]:
         """Complete `inputs` (HF forward keywords with ``input_ids``) with what this part needs.
 
-        `verify` builds its inputs this way: a vision tower adds images and their tokens.
+        `verify` builds its inputs this way: a vision tower adds images and their tokens,
+        through the model's `processor` when there is one.
         """
         return inputs
 

@@ -45,7 +45,11 @@ class UnembeddingBridge(GeneralizedComponent):
 
 
 class BlockBridge(GeneralizedComponent):
-    """One transformer block; TransformerLens's residual-stream names are its aliases."""
+    """One transformer block; TransformerLens's residual-stream names are its aliases.
+
+    A parallel block (``cfg.block_layout == "parallel"``: attention and MLP both read
+    ``resid_pre``) has no ``hook_resid_mid``.
+    """
 
     is_list_item: ClassVar[bool] = True
     hook_aliases: ClassVar[dict[str, str]] = {
@@ -58,6 +62,12 @@ class BlockBridge(GeneralizedComponent):
         "hook_mlp_out": "mlp.hook_out",
     }
     hook_shapes: ClassVar[dict[str, Shape]] = {"hook_in": RESID, "hook_out": RESID}
+
+    def set_original_component(self, module: nn.Module) -> None:
+        """Bind as usual; a parallel block drops the ``hook_resid_mid`` alias."""
+        super().set_original_component(module)
+        if getattr(self.config, "block_layout", None) == "parallel":
+            self.removed_aliases.add("hook_resid_mid")
 
 
 class _AttentionHooks(GeneralizedComponent):
@@ -149,15 +159,17 @@ class _AttentionHooks(GeneralizedComponent):
         """Head counts and widths from the HF module's own config where it has one."""
         values = super().dims()
         module = self.original_component
-        hf = getattr(self.kernel(module), "config", None) if module is not None else None
+        if module is None:
+            return values
+        hf = getattr(self.kernel(module), "config", None)
         heads = getattr(hf, "num_attention_heads", None)
         if isinstance(heads, int):
-            values["n_heads"] = heads
             kv = getattr(hf, "num_key_value_heads", None)
-            values["n_kv_heads"] = kv if isinstance(kv, int) else heads
-            values["d_model"] = getattr(hf, "hidden_size", values["d_model"])
-        if module is not None:
-            values["d_head"] = self.d_head(module)
+            values.update(n_heads=heads, n_kv_heads=kv if isinstance(kv, int) else heads)
+            width = getattr(hf, "hidden_size", None)
+            if isinstance(width, int):
+                values["d_model"] = width
+        values["d_head"] = self.d_head(module)
         return values
 
 

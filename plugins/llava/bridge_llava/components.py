@@ -20,8 +20,9 @@ from bridge_core.components import (
     ModuleBridge,
     NormalizationBridge,
 )
+from bridge_core.components.base import Shape
 from bridge_core.errors import InputError
-from bridge_core.hooks import Handle, Run, first_tensor, replace_first
+from bridge_core.hooks import Handle, HookPoint, Run, first_tensor, replace_first
 from bridge_llava import vision
 from bridge_llava.vision import FeatureLayer, ImageTokens, Strategy
 
@@ -169,6 +170,10 @@ class CLIPVisionEncoderBridge(PartsComponent):
         "hook_vision_out": "hook_out",
     }
     input_arg: ClassVar[str] = "pixel_values"
+    hook_shapes: ClassVar[dict[str, Shape]] = {
+        "hook_in": ("images", "channels", "height", "width"),
+        "hook_out": ("batch", "pos", "d_model"),
+    }
     parts: ClassVar[dict[str, Part]] = {
         "embeddings": Part(ModuleBridge, ("embeddings", "vision_model.embeddings")),
         "pre_layernorm": Part(NormalizationBridge, ("pre_layrnorm", "vision_model.pre_layrnorm")),
@@ -183,6 +188,11 @@ class CLIPVisionEncoderBridge(PartsComponent):
     def bind(self, module: nn.Module) -> None:
         """Bind ``hook_out`` to the tower's last hidden state (see `TowerOutputTap`)."""
         self.hook_out.bind(TowerOutputTap(module))
+        post = self.get_submodule("post_layernorm")
+        for attr in ("hook_in", "hook_out"):  # it normalizes the pooled CLS token only
+            point = getattr(post, attr)
+            if isinstance(point, HookPoint):
+                point.shape = ("batch", "d_model")
 
     def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Run the tower on ``[batch, channels, height, width]`` images.
@@ -389,6 +399,67 @@ class CLIPVisionEncoderBridge(PartsComponent):
             raise InputError("this model's config names no image token; pass image_token_id=")
         return vision.image_token_positions(input_ids, token, self.num_image_tokens)
 
+    # -- what verify needs -------------------------------------------------------------------
+
+    def dims(self) -> dict[str, int | None]:
+        """The tower's own widths; batch (images or crops) and pos (patches) are free."""
+        config = self.vision_config
+        heads = int(config.num_attention_heads)
+        return {
+            "d_model": self.hidden_size,
+            "n_heads": heads,
+            "n_kv_heads": heads,
+            "d_head": self.hidden_size // heads,
+            "d_mlp": int(config.intermediate_size),
+            "batch": None,
+            "pos": None,
+        }
+
+    def unreachable_hooks(self) -> list[str]:
+        """The layers after the last one LLaVA selects, and the pooled post-layernorm.
+
+        Their edits cannot reach the language model: LLaVA projects ``hidden_states[i]`` for
+        the selected ``i`` (``-2`` by default) and never the pooled output.
+        """
+        layers = self.vision_feature_layer
+        selected = [layers] if isinstance(layers, int) else list(layers)
+        last = max(i % (self.num_layers + 1) for i in selected)  # hidden_states index
+        prefixes = [f"{self.name}.layers.{i}." for i in range(last, self.num_layers)]
+        prefixes.append(f"{self.name}.post_layernorm.")
+        names = [p.name for c in self.modules() if isinstance(c, GeneralizedComponent)
+                 for _, p in c.own_hook_points()]  # fmt: skip
+        dead = [n for n in names if n.startswith(tuple(prefixes))]
+        if last < self.num_layers:
+            dead.append(self.hook_out.name)  # the last hidden state, not selected
+        return dead
+
+    def example_inputs(self, inputs: dict[str, Any], processor: Any = None) -> dict[str, Any]:
+        """Put one image (and its image tokens) in each row of `inputs`.
+
+        With the model's processor, through it (any-resolution crops included); without, as
+        pixel values of the tower's size (plain LLaVA only).
+
+        Raises:
+            InputError: an any-resolution model without a processor.
+        """
+        ids: torch.Tensor = inputs["input_ids"]
+        if processor is not None and hasattr(processor, "image_token"):
+            images = [vision.example_image(2 * self.image_size, i) for i in range(ids.shape[0])]
+            texts = [f"{processor.image_token} a picture number {i}" for i in range(len(images))]
+            encoded = processor(text=texts, images=images, return_tensors="pt", padding=True)
+            return {**inputs, **dict(encoded)}
+        if self.anyres or self.num_image_tokens is None or self.image_token_id is None:
+            raise InputError(
+                f"{self.name}: example inputs for an any-resolution model need its processor; "
+                "wrap(model, processor=...) or pass inputs= with pixel_values"
+            )
+        tokens = torch.full((ids.shape[0], self.num_image_tokens), self.image_token_id)
+        ids = torch.cat([ids[:, :1], tokens, ids[:, 1:]], dim=1)
+        size = (ids.shape[0], self.num_channels, self.image_size, self.image_size)
+        pixels = torch.randn(size, generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        return {**inputs, "input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
     # -- input checks (called by the bridge before every forward) ----------------------
 
     def check_inputs(self, inputs: Mapping[str, Any]) -> None:
@@ -440,6 +511,10 @@ class VisionProjectorBridge(GeneralizedComponent):
     """
 
     input_arg: ClassVar[str] = "image_features"
+    hook_shapes: ClassVar[dict[str, Shape]] = {
+        "hook_in": ("images", "tokens", "features"),
+        "hook_out": ("images", "tokens", "d_model"),
+    }
 
 
 KINDS: dict[str, type[GeneralizedComponent]] = {

@@ -20,6 +20,15 @@ STRATEGIES: tuple[Strategy, ...] = ("default", "full")
 FeatureLayer = int | Sequence[int]
 
 
+def example_image(size: int, seed: int) -> Any:
+    """A random RGB PIL image, `size` pixels square (verify's inputs)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, mode="RGB")
+
+
 def layer_list(layer: FeatureLayer) -> list[int]:
     """`vision_feature_layer` as a list of indices (an int is one index)."""
     return [layer] if isinstance(layer, int) else list(layer)

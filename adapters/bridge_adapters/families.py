@@ -1,0 +1,117 @@
+"""One tiny random-weight model per built-in text adapter, for tests, verify runs and docs.
+
+`FAMILIES` maps each adapter name to a builder returning ``(model, tokenizer)``: the HF class
+that adapter claims, built from its config class with a few layers and small widths (and the
+family's characteristic settings: parallel residual, post-norm, grouped-query attention ...),
+seeded, float32, in eval mode, with the byte-level BPE tokenizer of `bridge_adapters.tiny`.
+Adding a built-in adapter means adding its builder here; the test suite runs every one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from bridge_adapters import tiny
+
+Builder = Callable[[], tuple[PreTrainedModel, Any]]
+
+WIDTH: Final = 64
+HEADS: Final = 4
+LAYERS: Final = 2
+VOCAB: Final = 512
+
+
+def _text(
+    config_cls: Callable[..., Any], model_cls: Callable[[Any], PreTrainedModel], **config: Any
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    tokenizer = tiny.build_tokenizer(VOCAB)
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    model = tiny.init_model(model_cls, config_cls(vocab_size=VOCAB, **ids, **config), seed=0)
+    return model, tokenizer
+
+
+def tiny_gpt_neox() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """GPT-NeoX as Pythia: parallel residual, partial rotary, per-head fused qkv."""
+    return _text(
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=4 * WIDTH,
+        use_parallel_residual=True,
+        rotary_pct=0.25,
+        max_position_embeddings=128,
+    )
+
+
+def tiny_opt() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """OPT as opt-125m: pre-LayerNorm, learned positions, ReLU MLP on the block."""
+    return _text(
+        OPTConfig,
+        OPTForCausalLM,
+        hidden_size=WIDTH,
+        word_embed_proj_dim=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        ffn_dim=4 * WIDTH,
+        max_position_embeddings=128,
+    )
+
+
+def tiny_bert() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """BERT as a masked LM: post-LayerNorm blocks, token types."""
+    return _text(
+        BertConfig,
+        BertForMaskedLM,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=4 * WIDTH,
+        max_position_embeddings=128,
+    )
+
+
+def tiny_phi3() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Phi-3: fused [q | k | v] with grouped-query attention, fused [gate | up] MLP."""
+    return _text(
+        Phi3Config,
+        Phi3ForCausalLM,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        intermediate_size=2 * WIDTH,
+        max_position_embeddings=128,
+    )
+
+
+FAMILIES: Final[dict[str, Builder]] = {
+    "gpt2": tiny.tiny_gpt2,
+    "llama": tiny.tiny_llama,
+    "mistral": tiny.tiny_mistral,
+    "qwen2": tiny.tiny_qwen2,
+    "gpt_neox": tiny_gpt_neox,
+    "opt": tiny_opt,
+    "bert": tiny_bert,
+    "phi3": tiny_phi3,
+}
+"""Builder of a tiny model per family, by name (the adapter's, or the architecture's)."""

@@ -1,0 +1,254 @@
+"""The structural checks of `verify`: head locality, recomputed patterns, residual algebra.
+
+These need more than "does an edit reach the outputs": they compare activations with what
+the architecture says they must be. A fused qkv split the wrong way still gives exact
+outputs, but an edit of "head 1" of q then moves another head's z; a wrong per-head view
+gives a pattern that q and k do not produce; a wrong alias gives a residual stream that
+does not add up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from bridge_core.components.base import GeneralizedComponent
+from bridge_core.hooks import HookPoint
+
+if TYPE_CHECKING:
+    from bridge_core.bridge import TransformerBridge
+    from bridge_core.cache import ActivationCache
+    from bridge_core.verify import Result
+
+
+Hook = tuple[str, Callable[..., Any]]
+
+
+class RunLike(Protocol):
+    """What the checks need of a verification run."""
+
+    inputs: dict[str, Any]
+    dims: dict[str, dict[str, int | None]]
+    generator: torch.Generator
+
+    def forward(self, hooks: list[Hook] | None = None) -> torch.Tensor:
+        """Outputs of one forward with `hooks`."""
+
+
+def _result(check: str, hook: str, ok: bool | None, detail: str) -> Result:
+    from bridge_core.verify import Result
+
+    return Result(check, hook, ok, detail)
+
+
+# -- head locality ---------------------------------------------------------------------------
+
+
+def head_locality(run: RunLike, attentions: list[GeneralizedComponent]) -> Iterator[Result]:
+    """An edit of head h of q (k, v) moves z only at head h (the heads sharing kv head h)."""
+    for attn in attentions:
+        z_name = _point(attn, "hook_z").name
+        base = _z_after(run, z_name, [])
+        dims = run.dims[attn.name]
+        n_heads = int(base.shape[2])
+        n_kv = dims.get("n_kv_heads") or n_heads
+        for proj in ("q", "k", "v"):
+            point = _point(attn, f"hook_{proj}")
+            heads = n_heads if proj == "q" else int(n_kv)
+            problems = []
+            tested = sorted({0, 1, heads - 1} & set(range(heads)))
+            for head in tested:
+                edit = _head_edit(head, run.generator)
+                z = _z_after(run, z_name, [(point.name, edit)])
+                moved = [j for j in range(n_heads) if not torch.equal(z[:, :, j], base[:, :, j])]
+                group = n_heads // heads
+                expected = list(range(head * group, (head + 1) * group))
+                if moved != expected:
+                    problems.append(f"an edit of head {head} moved z heads {moved}, not {expected}")
+            ok = not problems
+            detail = f"edits of heads {tested} move only their own z heads" if ok else problems[0]
+            yield _result("heads", point.name, ok, detail)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _z_after(run: RunLike, z_name: str, hooks: list[Hook]) -> torch.Tensor:
+    """z of one attention, from a forward stopped right after it (with `hooks`)."""
+    seen: list[torch.Tensor] = []
+
+    def grab(z: torch.Tensor, hook: HookPoint) -> None:
+        seen.append(z.detach().clone())
+        raise _Stop
+
+    with contextlib.suppress(_Stop):
+        run.forward([*hooks, (z_name, grab)])
+    if not seen:
+        raise RuntimeError(f"{z_name} did not fire")
+    return seen[0]
+
+
+def _head_edit(head: int, generator: torch.Generator) -> Callable[..., torch.Tensor]:
+    def edit(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        x = x.clone()
+        noise = torch.randn(x[:, :, head].shape, generator=generator).to(x.dtype).to(x.device)
+        x[:, :, head] += noise * (x.float().std().clamp(min=1e-2) + 1).to(x.dtype)
+        return x
+
+    return edit
+
+
+def _point(component: GeneralizedComponent, attr: str) -> HookPoint:
+    point = getattr(component, attr)
+    assert isinstance(point, HookPoint)
+    return point
+
+
+# -- patterns ----------------------------------------------------------------------------------
+
+
+def recomputed_patterns(
+    run: RunLike, cache: ActivationCache, attentions: list[GeneralizedComponent]
+) -> Iterator[Result]:
+    """softmax(q kᵀ * scale + mask) from the q and k the kernel saw equals ``hook_pattern``."""
+    for attn in attentions:
+        pattern_point = _point(attn, "hook_pattern")
+        if not pattern_point.enabled or pattern_point._tap is None:
+            continue
+        rotated = _point(attn, "hook_rot_q")._tap is not None
+        q_name = _point(attn, "hook_rot_q" if rotated else "hook_q").name
+        k_name = _point(attn, "hook_rot_k" if rotated else "hook_k").name
+        try:
+            expected = _pattern_from(attn, cache[q_name], cache[k_name], run.inputs)
+        except Exception as exc:
+            yield _result("pattern", pattern_point.name, False, f"cannot recompute: {exc}")
+            continue
+        got = cache[pattern_point.name].float()
+        close = got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4, rtol=1e-3)
+        if close:
+            detail = f"equals softmax({q_name.rsplit('.', 1)[-1]} k^T * scale + mask)"
+        else:
+            error = (got - expected).abs().max().item() if got.shape == expected.shape else "-"
+            detail = (
+                f"differs from the pattern recomputed from {q_name} and {k_name} "
+                f"(max error {error}): q, k or the pattern are not what the kernel used"
+            )
+        yield _result("pattern", pattern_point.name, close, detail)
+
+
+def _pattern_from(
+    attn: GeneralizedComponent, q: torch.Tensor, k: torch.Tensor, inputs: dict[str, Any]
+) -> torch.Tensor:
+    from bridge_core.attention import additive_mask
+
+    module = attn.original_component
+    assert module is not None
+    choose = getattr(attn, "kernel", None)  # the attention kinds' kernel submodule
+    kernel: torch.nn.Module = choose(module) if callable(choose) else module
+    q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()  # [batch, head, pos, d]
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scale = getattr(kernel, "scaling", None) or q.shape[-1] ** -0.5
+    scores = q @ k.transpose(-1, -2) * scale
+    softcap = getattr(getattr(kernel, "config", None), "attn_logit_softcapping", None)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    mask = additive_mask(kernel, None, scores, None)
+    if mask is not None:
+        scores = scores + mask
+    padding = inputs.get("attention_mask")
+    if isinstance(padding, torch.Tensor) and padding.shape[-1] == scores.shape[-1]:
+        keep = padding.bool()[:, None, None, :]
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1)
+
+
+# -- residual stream ---------------------------------------------------------------------------
+
+_LAYER = re.compile(r"^(?P<stack>.+)\.(?P<i>\d+)\.hook_resid_pre$")
+
+
+def residual_algebra(bridge: TransformerBridge, cache: ActivationCache) -> Iterator[Result]:
+    """Block outputs add up to the residual stream, and `decompose_resid` sums to it."""
+    names = set(bridge.hook_names())
+    stacks: dict[str, int] = {}
+    for name in names:
+        match = _LAYER.match(name)
+        if match:
+            stack, i = match["stack"], int(match["i"])
+            stacks[stack] = max(stacks.get(stack, 0), i + 1)
+    for stack, n_layers in sorted(stacks.items()):
+        layout = bridge.cfg.block_layout if stack == "blocks" else "pre_norm"
+        blocks = [_block(cache, names, f"{stack}.{i}", layout) for i in range(n_layers)]
+        yield from blocks
+        checked = all(r.ok is not None for r in blocks)
+        if stack == "blocks" and layout != "post_norm" and checked:
+            yield from _decomposition(cache, n_layers)
+
+
+def _block(cache: ActivationCache, names: set[str], prefix: str, layout: str) -> Result:
+    def get(name: str) -> torch.Tensor | None:
+        full = f"{prefix}.{name}"
+        if full not in names or full not in cache or len(cache.calls(full)) != 1:
+            return None  # absent, or a point that fires more than once
+        return cache[full].float()
+
+    pre, mid, post = get("hook_resid_pre"), get("hook_resid_mid"), get("hook_resid_post")
+    attn, mlp = get("hook_attn_out"), get("hook_mlp_out")
+    hook = f"{prefix}.hook_resid_post"
+    if pre is None or post is None or attn is None or mlp is None:
+        return _result("residual", hook, None, "no attn_out / mlp_out aliases to add up")
+    equations: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    if layout == "post_norm":
+        normalized = get("ln1.hook_out")
+        if mid is not None:
+            equations.append(("resid_mid = resid_pre + attn_out", mid, pre + attn))
+        if normalized is not None:
+            equations.append(("resid_post = ln1(resid_mid) + mlp_out", post, normalized + mlp))
+    elif layout == "pre_norm" and mid is not None:
+        equations.append(("resid_mid = resid_pre + attn_out", mid, pre + attn))
+        equations.append(("resid_post = resid_mid + mlp_out", post, mid + mlp))
+    else:
+        equations.append(("resid_post = resid_pre + attn_out + mlp_out", post, pre + attn + mlp))
+    for text, left, right in equations:
+        if not _close(left, right):
+            error = (left - right).abs().max().item()
+            return _result("residual", hook, False, f"{text} does not hold (max error {error:.3g})")
+    return _result("residual", hook, True, "; ".join(text for text, _, _ in equations))
+
+
+def _decomposition(cache: ActivationCache, n_layers: int) -> Iterator[Result]:
+    for layer in range(n_layers + 1):
+        hook = f"blocks.{layer}.hook_resid_pre" if layer < n_layers else "ln_final.hook_in"
+        try:
+            last = f"blocks.{n_layers - 1}.hook_resid_post"
+            target = cache["resid_pre", layer] if layer < n_layers else cache[last]
+            parts = cache.decompose_resid(layer=layer)
+        except Exception as exc:
+            yield _result("residual", hook, False, f"decompose_resid raised {exc}")
+            continue
+        total = parts.sum(0) if isinstance(parts, torch.Tensor) else parts[0].sum(0)
+        ok = _close(total.float(), target.float())
+        detail = "decompose_resid sums to the residual stream at every position"
+        if not ok:
+            bad = (total.float() - target.float()).abs().amax(-1)
+            positions = sorted({int(p) for p in (bad > _tolerance(target)).nonzero()[:, -1]})
+            shown = positions if len(positions) <= 8 else [*positions[:8], "..."]
+            detail = (
+                f"decompose_resid(layer={layer}) does not sum to it at {len(positions)} "
+                f"positions {shown}"
+            )
+        yield _result("residual", f"{hook} (decompose_resid)", ok, detail)
+
+
+def _tolerance(x: torch.Tensor) -> float:
+    return 1e-5 * max(float(x.float().abs().max()), 1.0)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=_tolerance(a)))
