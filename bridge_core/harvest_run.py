@@ -121,10 +121,9 @@ def encode(
     bridge: TransformerBridge, batch: Sequence[Example], source: Source, max_length: int | None
 ) -> dict[str, torch.Tensor]:
     """Left-padded CPU inputs for `batch`: ``input_ids``, ``attention_mask`` (and pixels)."""
-    images = [source.load_image(image, e) for e in batch for image in e.images]
     truncate: dict[str, Any] = {"truncation": True, "max_length": max_length} if max_length else {}
-    if images:
-        return _process(bridge, batch, images, truncate)
+    if any(e.images for e in batch):
+        return _process(bridge, batch, source, truncate)
     tokenizer = bridge.tokenizer
     if tokenizer is None:
         raise InputError(
@@ -148,7 +147,7 @@ def encode(
 def _process(
     bridge: TransformerBridge,
     batch: Sequence[Example],
-    images: list[Any],
+    source: Source,
     truncate: dict[str, Any],
 ) -> dict[str, torch.Tensor]:
     processor = bridge.processor
@@ -158,6 +157,7 @@ def _process(
             f"examples {ids} have images, but this bridge has no processor; boot a multimodal "
             "model from a folder with its processor, or wrap(model, processor=...)"
         )
+    images = [source.load_image(image, e) for e in batch for image in e.images]
     texts = [e.text for e in batch]
     try:
         encoded = processor(

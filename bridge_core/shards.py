@@ -56,7 +56,7 @@ def write_json(path: Path, value: Any) -> None:
     """Write JSON atomically: to a temporary file, flushed, then renamed over `path`."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with tmp.open("w", encoding="utf-8") as file:
-        json.dump(value, file, indent=1, sort_keys=True)
+        json.dump(value, file, indent=1)
         file.write("\n")
         file.flush()
         os.fsync(file.fileno())
