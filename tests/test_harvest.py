@@ -214,3 +214,25 @@ def test_progress_reports_tokens_per_second_and_eta(capsys: pytest.CaptureFixtur
         first.startswith("harvest: 4/10 examples, 100 tokens, ") and "tokens/s, ETA 0:00:" in first
     )
     assert "done in" in last
+
+
+def test_command_line_harvest(
+    saved_gpt2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bridge_core.cli import main
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows())
+    out = tmp_path / "out"
+    args = ["harvest", str(saved_gpt2), "--data", str(data), "--out", str(out)]
+    code = main([*args, "--hooks", "blocks.0.hook_resid_post,hook_embed", "--positions", "last",
+                 "--batch-size", "3", "--store-dtype", "float16"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "tokens/s" in captured.err and f"{len(TEXTS)} examples -> {out}" in captured.out
+    reader = HarvestReader(out)
+    assert reader["hook_embed"].shape == (len(TEXTS), 64) and reader.settings["dtype"] == "float16"
+    assert main([*args, "--hooks", "blocks.0.hook_resid_pots"]) == 2
+    assert "Did you mean 'blocks.0.hook_resid_post'" in capsys.readouterr().err
+    missing = ["harvest", str(saved_gpt2), "--data", "nope.jsonl", "--hooks", "x", "--out", "o"]
+    assert main(missing) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -55,6 +55,11 @@ COMMANDS = (
         "run", "run:setup", "run a prompt through run_with_cache and show (or save) the activations"
     ),
     Command("spec", "spec:setup", "show or validate adapter specs"),
+    Command(
+        "harvest",
+        "harvest:setup",
+        "harvest activations over a dataset into sharded safetensors (torchrun-ready)",
+    ),
 )
 
 
