@@ -24,6 +24,7 @@ DataArg = str | os.PathLike[str] | Iterable[Mapping[str, Any]]
 EXTRA = "pip install 'transformer-bridge[harvest]'"
 _COLUMNS = ("id", "text", "images")
 _CHUNK = 256  # rows read at a time from Parquet and saved datasets
+SKIP: Any = object()  # stands for a row that was passed over without being read
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Source:
         self.seen = 0
         for index, row in self._rows(wanted):
             self.seen = max(self.seen, index + 1)
-            if row is not None:
+            if row is not SKIP:
                 yield self._example(index, row)
 
     def _example(self, index: int, row: Any) -> Example:
@@ -149,7 +150,7 @@ def _jsonl(path: Path) -> Source:
                     except json.JSONDecodeError as exc:
                         raise InputError(f"{path}:{number}: not valid JSON ({exc})") from exc
                 else:
-                    yield index, None
+                    yield index, SKIP
                 index += 1
 
     with path.open("rb") as raw:
@@ -184,11 +185,11 @@ def _chunk(
 ) -> Iterator[tuple[int, Any]]:
     """The rows start..start+size: decoded only when one of them is wanted."""
     if not any(wanted(i) for i in range(start, start + size)):
-        yield from ((i, None) for i in range(start, start + size))
+        yield from ((i, SKIP) for i in range(start, start + size))
         return
     for offset, row in enumerate(load()):
         index = start + offset
-        yield index, row if wanted(index) else None
+        yield index, row if wanted(index) else SKIP
 
 
 def _saved_dataset(path: Path) -> Source:
@@ -248,7 +249,7 @@ def _python_rows(data: Iterable[Mapping[str, Any]]) -> Source:
 
     def rows(wanted: Wanted) -> Iterator[tuple[int, Any]]:
         for index, row in enumerate(data):
-            yield index, row if wanted(index) else None
+            yield index, row if wanted(index) else SKIP
 
     count = len(data) if isinstance(data, Sized) else None
     return Source(rows, "data", None, count, {"python": type(data).__name__, "rows": count})

@@ -12,6 +12,7 @@ the forward stops once every hook has fired. Rank 0 merges the shard headers int
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import sys
 import time
@@ -24,7 +25,7 @@ import torch
 
 from bridge_core.data import DataArg, Example, Source, open_source
 from bridge_core.errors import HookNameError, InputError, did_you_mean
-from bridge_core.harvest_run import World, join_world, prefetch
+from bridge_core.harvest_run import World, encode, forward_rows, join_world, prefetch
 from bridge_core.shards import (
     SETTINGS,
     SHARDS,
@@ -37,6 +38,7 @@ from bridge_core.shards import (
     write_json,
     write_shard,
 )
+from bridge_core.tokens import to_device
 
 if TYPE_CHECKING:
     from bridge_core.bridge import TransformerBridge
@@ -274,8 +276,6 @@ class _Harvester:
             yield batch[0].index // shard_size, batch, self._encode(batch)
 
     def _encode(self, batch: list[Example]) -> dict[str, torch.Tensor]:
-        from bridge_core.harvest_run import encode
-
         inputs = encode(self.bridge, batch, self.source, self.plan.max_length)
         inputs["__selected__"] = select_positions(
             self.plan.positions, inputs, self.bridge.cfg.image_token_id
@@ -283,9 +283,6 @@ class _Harvester:
         return inputs
 
     def _forward(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-        from bridge_core.harvest_run import forward_rows
-        from bridge_core.tokens import to_device
-
         model_inputs = {k: v for k, v in inputs.items() if not k.startswith("__")}
         mask = model_inputs["attention_mask"]
         if self.position_ids:
@@ -351,8 +348,6 @@ class _Shard:
             self.parts.setdefault(name, []).append(value)
 
     def write(self, directory: Path, names: list[str]) -> None:
-        import json
-
         tensors = {name: torch.cat(self.parts[name]) for name in names}
         tensors["example"] = torch.cat(self.example)
         tensors["position"] = torch.cat(self.position)
