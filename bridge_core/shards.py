@@ -230,12 +230,15 @@ class HarvestIndex:
         """The rows of the example with id `example_id` (a slice for ``reader[hook][...]``)."""
         found = self._by_id.get(example_id)
         if found is None:
-            known = [str(i) for i in self.ids[:10_000]]
-            raise KeyError(
-                f"no example has id {example_id!r}.{did_you_mean(str(example_id), known)}"
+            close = did_you_mean(str(example_id), [str(i) for i in self.ids[:10_000]])
+            raise InputError(
+                f"no example has id {example_id!r}.{close} Accepted: an id of the data "
+                f"(e.g. {self.ids[0]!r}), or rows_at(ordinal) for the n-th example"
             )
         if found < 0:
-            raise KeyError(f"several examples have id {example_id!r}; use rows_at(ordinal)")
+            raise InputError(
+                f"several examples have id {example_id!r}; use rows_at(ordinal) for one of them"
+            )
         return self.rows_at(found)
 
     def positions(self, example_id: str | int) -> torch.Tensor:

@@ -79,6 +79,8 @@ def test_reader_round_trip_and_row_indexing(gpt2_bridge: TransformerBridge, tmp_
     assert index["aliases"] == {"blocks.1.hook_resid_pre": "blocks.1.hook_in"}
     with pytest.raises(HookNameError, match="Did you mean"):
         reader["blocks.1.hook_resid_prev"]
+    with pytest.raises(InputError, match="Did you mean 'ex-1'"):
+        reader.index.rows("ex_1")
 
 
 def test_positions_last_text_and_a_mask(gpt2_bridge: TransformerBridge, tmp_path: Path) -> None:
@@ -236,3 +238,13 @@ def test_command_line_harvest(
     missing = ["harvest", str(saved_gpt2), "--data", "nope.jsonl", "--hooks", "x", "--out", "o"]
     assert main(missing) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_duplicate_ids_are_reached_by_ordinal(
+    gpt2_bridge: TransformerBridge, tmp_path: Path
+) -> None:
+    data = [{"id": "same", "text": "Hello world!"}, {"id": "same", "text": "One, two."}]
+    reader = harvest(gpt2_bridge, data, "hook_embed", tmp_path, progress=False)
+    with pytest.raises(InputError, match="several examples have id 'same'"):
+        reader.index.rows("same")
+    assert reader.index.rows_at(1).start == reader.index.rows_at(0).stop
