@@ -180,8 +180,8 @@ class TransformerBridge(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """Device of the model's first parameter."""
-        return next(self.original_model.parameters()).device
+        """Where inputs go: the first parameter's device, or a device_map's execution device."""
+        return tokens.input_device(self.original_model)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -37,13 +37,18 @@ def boot(
         adapter: an adapter name, an AdapterSpec, or a path to a TOML/JSON spec;
             by default the registry picks it from ``config.architectures[0]``.
         **from_pretrained_kwargs: passed to ``from_pretrained`` (e.g. ``revision``,
-            ``device_map``, ``attn_implementation``).
+            ``attn_implementation``). ``device_map`` ("auto", a dict of module path ->
+            device, "cpu" or "disk") and ``offload_folder`` place the model with accelerate
+            (the ``accelerate`` extra); hooks then see each layer's activations on the
+            device it runs on, and inputs go to ``bridge.device``, the execution device.
 
     Raises:
-        BootError: the path does not exist, or the hub id is not available (offline).
+        BootError: the path does not exist, or the hub id is not available (offline);
+            ``device`` together with ``device_map``; ``device_map`` without accelerate.
         AdapterNotFoundError: no adapter claims the architecture.
     """
     source = _source(model_name_or_path)
+    _check_placement(device, from_pretrained_kwargs)
     config = _load_config(source, from_pretrained_kwargs)
     registry = get_registry()
     spec = choose_adapter(config, adapter, registry)
@@ -62,6 +67,25 @@ def boot(
     bridge = cls(model, spec, cfg, registry=registry)
     bridge.set_text_loader(lambda: load_tokenizer_and_processor(source))
     return bridge
+
+
+def _check_placement(device: str | torch.device | None, kwargs: dict[str, Any]) -> None:
+    """`device` and `device_map` exclude each other; `device_map` needs accelerate."""
+    import importlib.util
+
+    placed = [k for k in ("device_map", "offload_folder") if kwargs.get(k) is not None]
+    if not placed:
+        return
+    if device is not None and kwargs.get("device_map") is not None:
+        raise BootError(
+            f"boot got device={device!r} and device_map={kwargs['device_map']!r}; pass one: "
+            "device moves the whole model, device_map places its modules with accelerate"
+        )
+    if importlib.util.find_spec("accelerate") is None:
+        raise BootError(
+            f"{' and '.join(placed)} place the model with accelerate, which is not installed: "
+            "pip install 'transformer-bridge[accelerate]'"
+        )
 
 
 def choose_adapter(

@@ -72,6 +72,16 @@ def process(processor: Any, text: TextInput, images: Any) -> dict[str, torch.Ten
     return dict(processor(text=text, images=images, return_tensors="pt", padding=padding))
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go: its first parameter's device or, for a model dispatched by
+    accelerate (``device_map``), the device it executes on (offloaded weights are on "meta")."""
+    device_map: dict[str, Any] | None = getattr(model, "hf_device_map", None)
+    if device_map:
+        placed = [d for d in device_map.values() if d not in ("cpu", "disk")]
+        return torch.device(placed[0]) if placed else torch.device("cpu")
+    return next(model.parameters()).device
+
+
 def to_device(inputs: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Move tensors to `device`; floating-point ones (pixels) also to the model's dtype."""
     moved: dict[str, Any] = {}

@@ -32,7 +32,7 @@ DOCS = ROOT / "docs"
 PAGES = sorted(p.name for p in DOCS.glob("*.md"))
 
 # Pages whose examples need a separately installed distribution: skipped without it.
-REQUIRES = {"llava.md": "bridge_llava"}
+REQUIRES = {"llava.md": "bridge_llava", "scale.md": "bridge_llava"}
 
 OPEN_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
 TITLE = re.compile(r"""title=["']([^"']+)["']""")

@@ -56,6 +56,11 @@ COMMANDS = (
     ),
     Command("spec", "spec:setup", "show or validate adapter specs"),
     Command("verify", "verify:setup", "check every hook point of a model (exit 1 on a failure)"),
+    Command(
+        "harvest",
+        "harvest:setup",
+        "harvest activations over a dataset into sharded safetensors (torchrun-ready)",
+    ),
 )
 
 
