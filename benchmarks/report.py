@@ -36,6 +36,14 @@ METRICS = (
         "bridge_cache_all", 1.10,
     ),
     Metric(
+        "cache_all_copied", "run_with_cache, everything, every tensor copied", "hf_outputs",
+        "bridge_cache_all_copied", None,
+    ),
+    Metric(
+        "cache_all_results", "run_with_cache, everything + attn.hook_result", "hf_outputs",
+        "bridge_cache_all_results", None,
+    ),
+    Metric(
         "cache_hf_set", "run_with_cache, HF's set (resid_pre, ln_final, patterns)", "hf_outputs",
         "bridge_cache_hf_set", None,
     ),

@@ -131,17 +131,40 @@ def hf_output_names(bridge: TransformerBridge) -> list[str]:
 
 
 def bridge_runs(case: Case, bridge: TransformerBridge) -> Runs:
-    """The bridge's versions of the same operations."""
+    """The bridge's versions of the same operations, and what cache protection and the opt-in
+    ``hook_result`` cost (each on a bridge of its own over the same model)."""
     inputs, names = case.inputs, Names.of(case)
     ablation = [(names.hook_z, zero_head(case.head))]
     hf_set = hf_output_names(bridge)
+    copying, results = _copying_bridge(case), _result_bridge(case)
     return {
         "bridge_forward": lambda: bridge(**inputs),
         "bridge_cache_all": lambda: bridge.run_with_cache(**inputs),
+        "bridge_cache_all_copied": lambda: copying.run_with_cache(**inputs),
+        "bridge_cache_all_results": lambda: results.run_with_cache(**inputs),
         "bridge_cache_hf_set": lambda: bridge.run_with_cache(**inputs, names_filter=hf_set),
         "bridge_cache_one": lambda: bridge.run_with_cache(**inputs, names_filter=names.resid_post),
         "bridge_ablate": lambda: bridge.run_with_hooks(**inputs, fwd_hooks=ablation),
     }
+
+
+def _copying_bridge(case: Case) -> TransformerBridge:
+    """A bridge whose caches copy every activation (as if each were changed in place later).
+
+    Caches copy a point's tensor on its first cache and afterwards only where the model was
+    seen changing it; this bridge shows the cost of copying everything, every time.
+    """
+    bridge = TransformerBridge.wrap(case.model, tokenizer=case.tokenizer, processor=case.processor)
+    for point in bridge.hook_dict.values():
+        point.copy_on_cache = True
+    return bridge
+
+
+def _result_bridge(case: Case) -> TransformerBridge:
+    """A bridge with the opt-in ``attn.hook_result`` on (caching everything includes it)."""
+    bridge = TransformerBridge.wrap(case.model, tokenizer=case.tokenizer, processor=case.processor)
+    bridge.set_use_attn_result(True)
+    return bridge
 
 
 def load_runs(case: Case, with_bridge: bool = True) -> Runs:
