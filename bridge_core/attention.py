@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,15 @@ import torch
 from torch import nn
 
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, Run, changed_since, first_tensor, replace_first, snapshot
+from bridge_core.hooks import (
+    Handle,
+    Run,
+    changed_since,
+    first_tensor,
+    mark_tap,
+    replace_first,
+    snapshot,
+)
 
 Which = Literal["scores", "pattern", "rot_q", "rot_k"]
 Kernel = Callable[..., tuple[torch.Tensor, Any]]
@@ -38,11 +47,21 @@ _DISPATCH = "ALL_ATTENTION_FUNCTIONS"
 
 @dataclass
 class _Route:
-    """The hook runs of one hooked attention module, and whether the router saw its call."""
+    """The hook runs of one hooked attention module, and whether the router saw its call.
 
-    runs: dict[str, Run] = field(default_factory=dict)
+    Each attached point adds its run (two bridges over one model each add theirs; a point's
+    run does nothing in another bridge's forward), in order; they run one after the other.
+    """
+
+    runs: dict[str, list[Run]] = field(default_factory=dict)
     called: bool = False
     checks: tuple[Handle, ...] = ()
+
+    def through(self, which: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` through every run attached for `which`."""
+        for run in list(self.runs.get(which, ())):
+            tensor = run(tensor)
+        return tensor
 
 
 # attention module -> its route
@@ -51,14 +70,16 @@ _ROUTES: weakref.WeakKeyDictionary[nn.Module, _Route] = weakref.WeakKeyDictionar
 
 @dataclass
 class _Switch:
-    """A config whose attention implementation we point at the router, and its users."""
+    """A config whose attention implementation we point at the router, and how many hooked
+    taps use it (the original name comes back when the last goes)."""
 
     config: Any
     original: str
-    users: set[int] = field(default_factory=set)
+    users: int = 0
 
 
 _SWITCHES: dict[int, _Switch] = {}
+_LOCK = threading.RLock()  # routes and switches are shared by every bridge and thread
 
 
 @dataclass(frozen=True)
@@ -74,29 +95,35 @@ class PatternTap:
 
     def attach(self, run: Run) -> Handle:
         check_dispatch(self.module)
-        _switch_on(self.module)
-        route = _ROUTES.get(self.module)
-        if route is None:
-            route = _ROUTES[self.module] = _Route()
-            route.checks = _watch(self.module, route)
-        route.runs[self.which] = run
-        return _Detach(self.module, self.which)
+        with _LOCK:
+            _switch_on(self.module)
+            route = _ROUTES.get(self.module)
+            if route is None:
+                route = _ROUTES[self.module] = _Route()
+                route.checks = _watch(self.module, route)
+            route.runs.setdefault(self.which, []).append(run)
+        return _Detach(self.module, self.which, run)
 
 
 @dataclass(frozen=True)
 class _Detach:
     module: nn.Module
     which: Which
+    run: Run
 
     def remove(self) -> None:
-        route = _ROUTES.get(self.module)
-        if route is None:
-            return
-        route.runs.pop(self.which, None)
-        if not route.runs:
-            for handle in route.checks:
-                handle.remove()
-            _ROUTES.pop(self.module, None)
+        with _LOCK:
+            route = _ROUTES.get(self.module)
+            runs = route.runs.get(self.which, []) if route is not None else []
+            if route is None or self.run not in runs:
+                return
+            runs.remove(self.run)
+            if not runs:
+                del route.runs[self.which]
+            if not route.runs:
+                for handle in route.checks:
+                    handle.remove()
+                _ROUTES.pop(self.module, None)
             _switch_off(self.module)
 
 
@@ -135,8 +162,8 @@ def _watch(module: nn.Module, route: _Route) -> tuple[Handle, ...]:
             )
 
     return (
-        module.register_forward_pre_hook(before, prepend=True),
-        module.register_forward_hook(after),
+        module.register_forward_pre_hook(mark_tap(before), prepend=True),
+        module.register_forward_hook(mark_tap(after)),
     )
 
 
@@ -164,7 +191,7 @@ def _switch_on(module: nn.Module) -> None:
         _register_router(original)
         switch = _SWITCHES[id(config)] = _Switch(config, original)
         config._attn_implementation = _PREFIX + original
-    switch.users.add(id(module))
+    switch.users += 1
 
 
 def _switch_off(module: nn.Module) -> None:
@@ -172,8 +199,8 @@ def _switch_off(module: nn.Module) -> None:
     switch = _SWITCHES.get(id(config))
     if switch is None:
         return
-    switch.users.discard(id(module))
-    if not switch.users:
+    switch.users -= 1
+    if switch.users <= 0:
         config._attn_implementation = switch.original
         del _SWITCHES[id(config)]
 
@@ -191,7 +218,9 @@ def _register_router(original: str) -> None:
 def _original_kernel(module: nn.Module) -> Kernel:
     from transformers import AttentionInterface
 
-    original = _SWITCHES[id(_config_of(module))].original
+    config = _config_of(module)
+    switch = _SWITCHES.get(id(config))  # none for a copy of a model made while hooked
+    original = switch.original if switch else config._attn_implementation.removeprefix(_PREFIX)
     if original != "eager":
         # typed differently across transformers 5.x (Any, then a plain function)
         return cast(Kernel, AttentionInterface._global_mapping[original])
@@ -223,12 +252,12 @@ def route_attention(
     route.called = True
     runs = route.runs
     if "rot_q" in runs:
-        query = _through_heads(runs["rot_q"], query)
+        query = _through_heads(route, "rot_q", query)
     if "rot_k" in runs:
-        key = _through_heads(runs["rot_k"], key)
+        key = _through_heads(route, "rot_k", key)
     if "scores" not in runs and "pattern" not in runs:
         return original(module, query, key, value, attention_mask, **kwargs)
-    pattern, edited, replaced = hooked_pattern(module, query, key, attention_mask, runs, **kwargs)
+    pattern, edited, replaced = hooked_pattern(module, query, key, attention_mask, route, **kwargs)
     if edited:
         return _from_pattern(module, pattern, value, kwargs), pattern
     output, _ = original(module, query, key, value, attention_mask, **kwargs)
@@ -258,10 +287,10 @@ def exact_with_grad(exact: torch.Tensor, differentiable: torch.Tensor) -> torch.
     return exact.detach() + (differentiable - differentiable.detach())
 
 
-def _through_heads(run: Run, states: torch.Tensor) -> torch.Tensor:
+def _through_heads(route: _Route, which: str, states: torch.Tensor) -> torch.Tensor:
     """Run hooks on a kernel input ``[batch, head, pos, d]``, shown as ``[batch, pos, head, d]``."""
     shown = states.transpose(1, 2)
-    new = run(shown)
+    new = route.through(which, shown)
     return states if new is shown else new.transpose(1, 2)
 
 
@@ -270,7 +299,7 @@ def hooked_pattern(
     query: torch.Tensor,
     key: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    routes: dict[str, Run],
+    route: _Route,
     scaling: float | None = None,
     softcap: float | None = None,
     is_causal: bool | None = None,
@@ -293,16 +322,16 @@ def hooked_pattern(
     if mask is not None:
         scores = scores + mask
     edited = replaced = False
-    if "scores" in routes:
-        scores, edited, replaced = _through(routes["scores"], scores)
+    if "scores" in route.runs:
+        scores, edited, replaced = _through(route, "scores", scores)
     pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    if "pattern" in routes:
-        pattern, changed, other = _through(routes["pattern"], pattern)
+    if "pattern" in route.runs:
+        pattern, changed, other = _through(route, "pattern", pattern)
         edited, replaced = edited or changed, replaced or other
     return pattern, edited, replaced
 
 
-def _through(run: Run, tensor: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
+def _through(route: _Route, which: str, tensor: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
     """Run the hooks on `tensor`: (the result, whether they changed it, whether it is another).
 
     Changed means in place, or returned an unequal tensor; a returned tensor equal to the
@@ -310,7 +339,7 @@ def _through(run: Run, tensor: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
     original kernel.
     """
     before = snapshot(tensor)
-    hooked = run(tensor)
+    hooked = route.through(which, tensor)
     other = hooked is not tensor
     if changed_since(tensor, before):
         return hooked, True, other
@@ -388,7 +417,17 @@ class ResultTap:
             summed = summed.to(exact.dtype)
             return replace_first(output, summed if edited else exact_with_grad(exact, summed))
 
-        return self.module.register_forward_hook(hook, prepend=True)
+        return self.module.register_forward_hook(mark_tap(hook), prepend=True)
+
+
+def restore_kernel_names(model: nn.Module) -> None:
+    """Point configs in `model` (a copy made while pattern hooks were attached) back at their
+    own attention implementation: the copy has none of the original's routes."""
+    for module in model.modules():
+        config: Any = getattr(module, "config", None)
+        name = getattr(config, "_attn_implementation", None)
+        if isinstance(name, str) and name.startswith(_PREFIX):
+            config._attn_implementation = name.removeprefix(_PREFIX)
 
 
 def patterns_active() -> bool:

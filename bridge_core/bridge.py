@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,8 +15,9 @@ from torch import nn
 from bridge_core import tokens
 from bridge_core.cache import ActivationCache
 from bridge_core.components.base import GeneralizedComponent
-from bridge_core.errors import HookNameError, InputError, SpecError, did_you_mean
-from bridge_core.hooks import HookFn, HookHandle, HookPoint
+from bridge_core.errors import BridgeError, HookNameError, InputError, SpecError, did_you_mean
+from bridge_core.hooks import HookFn, HookHandle, HookPoint, running
+from bridge_core.hooks import scope as hook_scope
 from bridge_core.naming import HookNames, NamesFilter
 from bridge_core.recording import Recorder
 
@@ -63,7 +66,11 @@ class TransformerBridge(nn.Module):
                     f"adapter spec {adapter.name!r} (model {type(model).__name__}): component "
                     f"name {name!r} is taken by a TransformerBridge attribute"
                 )
+        self.attached_points = 0
+        """How many hook points have a hook (and their tap) attached right now."""
         self._names: HookNames = collect_names(built, adapter)
+        for point in self._names.points.values():
+            point.owner = self  # silent in the forwards of other bridges over the same model
         for name, component in built.items():
             self.add_module(name, component)
 
@@ -224,7 +231,7 @@ class TransformerBridge(nn.Module):
                     "input_ids; pass input_ids or labels"
                 )
             kwargs["labels"] = kwargs["input_ids"]
-        output = self.original_model(*args, **kwargs)
+        output = self._run_model(*args, **kwargs)
         if return_type == "raw":
             return output
         if return_type is None:
@@ -233,6 +240,39 @@ class TransformerBridge(nn.Module):
         if return_type == "logits":
             return logits
         return output.loss if return_type == "loss" else (logits, output.loss)
+
+    def _run_model(self, *args: Any, **kwargs: Any) -> Any:
+        """The HF model's forward, as this bridge's (other bridges' hooks stay silent).
+
+        With hooks attached it runs eagerly even where the model was compiled in place
+        (`compile`): Python hooks that store, edit and route tensors are not something a
+        compiled graph keeps. Without hooks, a compiled model runs compiled. Traced as part of
+        ``torch.compile(bridge)``, the model runs outside the compiled graph, always: a graph
+        compiled without hooks would silently skip hooks attached later.
+        """
+        if torch.compiler.is_compiling():
+            return _outside_compile(self, args, kwargs)
+        model = self.original_model
+        with running(self):
+            if not self.attached_points:
+                return model(*args, **kwargs)
+            eager: Callable[..., Any] = model._call_impl  # never a compiled version; untyped
+            return eager(*args, **kwargs)
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compile the HF model in place (``torch.compile`` arguments pass through).
+
+        Calls without hooks then run the compiled model; calls with hooks attached (and
+        ``run_with_hooks``, ``run_with_cache``, ``generate`` with hooks) run it eagerly, so
+        hooks and caches give exactly the eager results. The first compiled call pays the
+        compilation; attaching or removing hooks never triggers a recompile.
+        """
+        self.original_model.compile(*args, **kwargs)
+
+    def _eager_call(self, *args: Any, **kwargs: Any) -> Any:
+        """Call this bridge, never through a version compiled in place (``.compile()``)."""
+        call: Callable[..., Any] = self._call_impl  # untyped in torch
+        return call(*args, **kwargs)
 
     def prepare_inputs(
         self,
@@ -300,8 +340,21 @@ class TransformerBridge(nn.Module):
         Returns:
             One handle per hook point; ``handle.remove()`` takes that hook away.
         """
+        if name is None:  # select(None) would mean every hook point
+            raise InputError(
+                "add_hook needs a hook name, a list of names or a predicate (got None); "
+                "for every hook point use lambda name: True"
+            )
         selected = self._names.select(name)
-        return [self._names.points[n].add_hook(hook, dir, is_permanent, prepend) for n in selected]
+        handles: list[HookHandle] = []
+        try:  # all or nothing: a point that refuses removes the ones added before it
+            for n in selected:
+                handles.append(self._names.points[n].add_hook(hook, dir, is_permanent, prepend))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        return handles
 
     def add_perma_hook(
         self,
@@ -341,15 +394,20 @@ class TransformerBridge(nn.Module):
         bwd = self._names.select_hooks(bwd_hooks, "bwd_hooks")
         points = self._names.points
         handles: list[HookHandle] = []
-        try:
-            for names, fn in fwd:
-                handles += [points[name].add_hook(fn, "fwd") for name in names]
-            for names, fn in bwd:
-                handles += [points[name].add_hook(fn, "bwd") for name in names]
-            yield self
-        finally:
-            for handle in reversed(handles):
-                handle.remove()
+        with hook_scope() as token:  # these hooks run only in this thread's (context's) calls
+            try:
+                directions: tuple[tuple[Literal["fwd", "bwd"], Any], ...] = (
+                    ("fwd", fwd),
+                    ("bwd", bwd),
+                )
+                for direction, pairs in directions:
+                    for names, fn in pairs:
+                        for name in names:
+                            handles.append(points[name].add_hook(fn, direction, scope=token))
+                yield self
+            finally:
+                for handle in reversed(handles):
+                    handle.remove()
 
     def run_with_hooks(
         self,
@@ -360,7 +418,7 @@ class TransformerBridge(nn.Module):
     ) -> Any:
         """Run forward with temporary hooks (removed afterwards, also on error)."""
         with self.hooks(fwd_hooks, bwd_hooks):
-            return self(*args, **kwargs)
+            return self._eager_call(*args, **kwargs)
 
     def run_with_cache(
         self,
@@ -390,7 +448,7 @@ class TransformerBridge(nn.Module):
         fwd = [(n, recorder.saver(n, points[n])) for n in selected]
         bwd = [(n, recorder.saver(f"{n}_grad", points[n])) for n in selected] if incl_bwd else []
         with self.hooks(fwd, bwd):
-            output = self(*args, **kwargs)
+            output = self._eager_call(*args, **kwargs)
             if incl_bwd:
                 loss = output[1] if isinstance(output, tuple) else output
                 loss.backward()
@@ -434,6 +492,49 @@ class TransformerBridge(nn.Module):
 
         return generate(self, input, **kwargs)
 
+    # -- copies -------------------------------------------------------------------------
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TransformerBridge:
+        """An independent bridge over a deep copy of the model, with this one's hooks.
+
+        The copy's modules drop the PyTorch hooks of this bridge's taps, and its hook points
+        get this bridge's permanent and plain ``add_hook`` hooks (not the hooks of a call in
+        progress); from then on the two are independent.
+        """
+        from bridge_core.attention import restore_kernel_names
+        from bridge_core.hooks import strip_taps
+
+        model = copy.deepcopy(self.original_model, memo)
+        strip_taps(model)
+        restore_kernel_names(model)
+        text = (copy.deepcopy(self._tokenizer, memo), copy.deepcopy(self._processor, memo))
+        clone = type(self)(model, self.adapter, self.cfg.model_copy(), *text)
+        clone._text_loader = self._text_loader
+        for name, point in self._names.points.items():
+            target = clone._names.points[name]
+            target.enabled, target.copy_on_cache = point.enabled, point.copy_on_cache
+            for direction, hooks in (("fwd", point._fwd), ("bwd", point._bwd)):
+                for hook in hooks:
+                    if hook.scope is None:
+                        target.add_hook(hook.fn, direction, hook.permanent)  # type: ignore[arg-type]
+        return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the bridge (model, adapter, config, text) while no hook is attached.
+
+        Raises:
+            BridgeError: hooks are attached (their functions and the PyTorch hooks of their
+                taps are not part of what a pickle can carry).
+        """
+        hooked = [n for n, p in self._names.points.items() if p.has_hooks]
+        if hooked:
+            raise BridgeError(
+                f"cannot pickle a bridge while hooks are attached (at {hooked[:3]}); remove "
+                "them first (reset_hooks(including_permanent=True)), or copy.deepcopy it"
+            )
+        state: dict[str, Any] = dict(self.__dict__)
+        return state
+
     def verify(self, inputs: dict[str, Any] | None = None) -> VerifyReport:
         """Check every hook point of this bridge (see `bridge_core.verify`).
 
@@ -450,6 +551,21 @@ class TransformerBridge(nn.Module):
 
     def __repr__(self) -> str:
         return f"TransformerBridge({self.adapter.name}: {type(self.original_model).__name__})"
+
+
+def _outside_compile(bridge: TransformerBridge, args: Any, kwargs: Any) -> Any:
+    """`bridge._run_model` run eagerly from inside a compiled call."""
+    warnings.warn(
+        "torch.compile(bridge) runs the HF model eagerly (hooks cannot live in a compiled "
+        "graph); bridge.compile() compiles the model for calls without hooks",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return bridge._run_model(*args, **kwargs)
+
+
+_disable: Callable[..., Any] = torch.compiler.disable  # untyped in torch
+_outside_compile = _disable(_outside_compile)
 
 
 def _tokenizer_of(processor: Any) -> Any:

@@ -9,6 +9,7 @@ import torch
 
 from bridge_core import tokens
 from bridge_core.errors import InputError
+from bridge_core.hooks import running
 
 if TYPE_CHECKING:
     from bridge_core.bridge import HookSpec, TransformerBridge
@@ -44,7 +45,7 @@ def generate(
     if padding_side is None and isinstance(input, list):
         padding_side = "left"
     inputs = bridge.prepare_inputs(input, images, prepend_bos, padding_side, **generate_kwargs)
-    with bridge.hooks(fwd_hooks), torch.no_grad():
+    with bridge.hooks(fwd_hooks), torch.no_grad(), running(bridge):
         output = bridge.original_model.generate(  # type: ignore[operator]  # HF GenerationMixin
             **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample
         )

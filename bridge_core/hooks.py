@@ -5,12 +5,21 @@ added: only then does its *tap* register a PyTorch hook on the HF module it obse
 and when its last hook is removed the PyTorch hook goes too. Taps are registered with
 ``prepend=True`` so they run before any hook HF itself keeps on the module (transformers
 5 records ``output_hidden_states`` with forward hooks; an edit must be what it records).
+
+Hooks are per call and per bridge. A hook added inside `scope()` (what ``run_with_hooks``,
+``hooks()`` and ``run_with_cache`` use) runs only in forwards of the same thread or context
+while that scope is open; permanent and plain ``add_hook`` hooks run in every forward. A
+point belongs to one bridge (`owner`): while a bridge runs its forward (`running`), the
+points of other bridges over the same HF model stay silent.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -27,8 +36,61 @@ Direction = Literal["fwd", "bwd"]
 Collect = Literal["list", "stack", "cat"]
 
 _LAYER = re.compile(r"\.(\d+)\.")
+_SCOPES: ContextVar[tuple[object, ...]] = ContextVar("transformer_bridge_scopes", default=())
+_RUNNING: ContextVar[object | None] = ContextVar("transformer_bridge_running", default=None)
+
+
+@contextmanager
+def scope() -> Iterator[object]:
+    """Open a hook scope in this thread/context: hooks added with it run only inside it."""
+    token = object()
+    reset = _SCOPES.set((*_SCOPES.get(), token))
+    try:
+        yield token
+    finally:
+        _SCOPES.reset(reset)
+
+
+@contextmanager
+def running(owner: object) -> Iterator[None]:
+    """Mark the forwards inside as the bridge `owner`'s: other bridges' points stay silent."""
+    reset = _RUNNING.set(owner)
+    try:
+        yield
+    finally:
+        _RUNNING.reset(reset)
+
+
+def mark_tap(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a PyTorch hook function as a bridge tap's (a copied model can then drop it)."""
+    function.__dict__["transformer_bridge_tap"] = True
+    return function
+
+
+def is_tap(function: object) -> bool:
+    """Whether `function` is a PyTorch hook a bridge tap registered (see `mark_tap`)."""
+    return bool(getattr(function, "transformer_bridge_tap", False))
+
+
+def strip_taps(model: nn.Module) -> None:
+    """Remove the PyTorch hooks of bridge taps from `model`'s modules (in a copy of a model)."""
+    for module in model.modules():
+        tables = (
+            (module._forward_hooks, (module._forward_hooks_with_kwargs,
+                                     module._forward_hooks_always_called)),
+            (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+        )  # fmt: skip
+        for hooks, flags in tables:
+            for key in [k for k, fn in hooks.items() if is_tap(fn)]:
+                del hooks[key]
+                for flag in flags:
+                    flag.pop(key, None)
+
+
 _PLAIN_STATE = frozenset(
     {
+        "owner",
+        "_lock",
         "name",
         "ctx",
         "_fwd",
@@ -110,7 +172,7 @@ class OutputTap:
             new = run(tensor)
             return None if new is tensor else replace_first(output, new)
 
-        return self.module.register_forward_hook(hook, prepend=True)
+        return self.module.register_forward_hook(mark_tap(hook), prepend=True)
 
 
 @dataclass(frozen=True)
@@ -129,7 +191,7 @@ class InputTap:
             new = run(kwargs[name])
             return None if new is kwargs[name] else (args, {**kwargs, name: new})
 
-        return self.module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+        return self.module.register_forward_pre_hook(mark_tap(hook), with_kwargs=True, prepend=True)
 
     def _keyword(self, kwargs: dict[str, Any]) -> str:
         if isinstance(kwargs.get(self.arg), torch.Tensor):
@@ -146,6 +208,7 @@ class InputTap:
 class _Hook:
     fn: HookFn
     permanent: bool
+    scope: object | None = None  # runs only while this scope is open in the running context
 
 
 @dataclass(eq=False)
@@ -191,6 +254,9 @@ class HookPoint(nn.Module):
         self.copy_on_cache: bool | None = None
         """Whether the model changes this tensor in place after the point fires, so a cache
         must copy it (None: not known yet; the first cache of the point copies and finds out)."""
+        self.owner: object | None = None
+        """The bridge this point belongs to (its hooks are silent in other bridges' forwards)."""
+        self._lock = threading.Lock()  # attaching and detaching the tap is check-then-act
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Plain state (never a Module, Parameter or Tensor) skips nn.Module.__setattr__'s
@@ -200,6 +266,15 @@ class HookPoint(nn.Module):
         else:
             super().__setattr__(name, value)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"]  # a lock does not pickle; a fresh one is made on unpickling
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__["_lock"] = threading.Lock()
+
     def bind(self, tap: Tap) -> None:
         """Connect this hook point to the forward pass through `tap`."""
         if self._attached is not None:
@@ -207,13 +282,27 @@ class HookPoint(nn.Module):
         self._tap = tap
 
     def add_hook(
-        self, fn: HookFn, dir: Direction = "fwd", is_permanent: bool = False, prepend: bool = False
+        self,
+        fn: HookFn,
+        dir: Direction = "fwd",
+        is_permanent: bool = False,
+        prepend: bool = False,
+        scope: object | None = None,
     ) -> HookHandle:
         """Add `fn` as a forward (`dir="fwd"`) or backward (`dir="bwd"`) hook.
+
+        Args:
+            scope: a token from `scope()`: the hook then runs only in forwards of a context
+                where that scope is open (None: in every forward).
 
         Returns:
             A handle whose `remove()` takes this one hook away again.
         """
+        if not callable(fn):
+            raise InputError(
+                f"the hook for {self.name!r} is {fn!r:.60}, not callable; a hook is "
+                "fn(tensor, hook) -> tensor | None"
+            )
         if dir not in ("fwd", "bwd"):
             raise InputError(f"hook direction must be 'fwd' or 'bwd', got {dir!r}")
         if self._tap is None:
@@ -224,11 +313,13 @@ class HookPoint(nn.Module):
                 "every forward it is used in); switch it on first, e.g. "
                 "bridge.set_use_attn_result(True) for attn.hook_result"
             )
-        if self._attached is None:  # attach first: if the tap refuses, nothing is left behind
-            self._attached = self._tap.attach(self._run)
-        hook = _Hook(fn, is_permanent)
-        hooks = self._fwd if dir == "fwd" else self._bwd
-        hooks.insert(0, hook) if prepend else hooks.append(hook)
+        hook = _Hook(fn, is_permanent, scope)
+        with self._lock:
+            if self._attached is None:  # attach first: if the tap refuses, nothing is left
+                self._attached = self._tap.attach(self._run)
+                _count(self.owner, +1)
+            hooks = self._fwd if dir == "fwd" else self._bwd
+            hooks.insert(0, hook) if prepend else hooks.append(hook)
         return HookHandle(self, hook, dir)
 
     def remove_hooks(
@@ -263,25 +354,34 @@ class HookPoint(nn.Module):
         return self._run(x)
 
     def _discard(self, hook: _Hook, direction: Direction) -> None:
-        hooks = self._fwd if direction == "fwd" else self._bwd
-        if hook in hooks:
-            hooks.remove(hook)
-        if not self.has_hooks and self._attached is not None:
-            self._attached.remove()
-            self._attached = None
+        with self._lock:
+            hooks = self._fwd if direction == "fwd" else self._bwd
+            if hook in hooks:
+                hooks.remove(hook)
+            if not self.has_hooks and self._attached is not None:
+                self._attached.remove()
+                self._attached = None
+                _count(self.owner, -1)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        owner = _RUNNING.get()
+        if owner is not None and owner is not self.owner:
+            return x  # another bridge's forward over the same HF model
+        scopes = _SCOPES.get()
         for hook in list(self._fwd):
+            if hook.scope is not None and hook.scope not in scopes:
+                continue  # a scoped hook of another thread or call
             result = hook.fn(x, hook=self)
             if result is not None:
                 self._check(result, x, hook.fn)
                 x = result
-        if self._bwd and x.requires_grad:
+        backward = [h for h in self._bwd if h.scope is None or h.scope in scopes]
+        if backward and x.requires_grad:
             # a fresh view that the forward goes on with: views the taps make (heads, slices,
             # patterns) are otherwise not part of the graph, and would never see a gradient
             x = x.view_as(x)
             register: Callable[..., Any] = x.register_hook  # untyped in torch
-            for hook in list(self._bwd):
+            for hook in backward:
                 register(_grad_hook(hook.fn, self))
         return x
 
@@ -301,6 +401,12 @@ class HookPoint(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, fwd={len(self._fwd)}, bwd={len(self._bwd)}"
+
+
+def _count(owner: object | None, change: int) -> None:
+    """Keep the owner's count of points with a tap attached (a compiled call guards on it)."""
+    if owner is not None:
+        owner.__dict__["attached_points"] = owner.__dict__.get("attached_points", 0) + change
 
 
 def _grad_hook(fn: HookFn, point: HookPoint) -> Callable[[torch.Tensor], torch.Tensor | None]:
@@ -324,6 +430,10 @@ __all__ = [
     "Tap",
     "changed_since",
     "first_tensor",
+    "is_tap",
+    "mark_tap",
     "replace_first",
+    "running",
+    "scope",
     "snapshot",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -65,7 +66,9 @@ def boot(
         config, model_name=source, architecture=model_class.__name__, adapter=spec.name
     )
     bridge = cls(model, spec, cfg, registry=registry)
-    bridge.set_text_loader(lambda: load_tokenizer_and_processor(source))
+    shared = {k: from_pretrained_kwargs[k] for k in HUB_KEYWORDS if k in from_pretrained_kwargs}
+    # a partial of a module-level function, so that a booted bridge pickles
+    bridge.set_text_loader(functools.partial(load_tokenizer_and_processor, source, **shared))
     return bridge
 
 
@@ -107,13 +110,22 @@ def choose_adapter(
     return registry.resolve(hf_config, architecture)
 
 
-def load_tokenizer_and_processor(source: str) -> tuple[Any, Any]:
-    """The tokenizer and (for multimodal models) processor saved with a model, or None."""
+HUB_KEYWORDS = ("revision", "cache_dir", "token", "trust_remote_code", "local_files_only")
+"""`from_pretrained` keywords that say where and which files to load: `boot` passes them to
+the config, the model, the tokenizer and the processor alike."""
+
+
+def load_tokenizer_and_processor(source: str, **hub: Any) -> tuple[Any, Any]:
+    """The tokenizer and (for multimodal models) processor saved with a model, or None.
+
+    Args:
+        **hub: `HUB_KEYWORDS` given to `boot` (revision, cache_dir, token, ...).
+    """
     from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase
 
     processor: Any = None
     try:
-        processor = cast(Any, AutoProcessor).from_pretrained(source)  # untyped in transformers
+        processor = cast(Any, AutoProcessor).from_pretrained(source, **hub)  # untyped
     except (OSError, ValueError, KeyError, TypeError):
         processor = None
     if isinstance(processor, PreTrainedTokenizerBase):
@@ -121,7 +133,7 @@ def load_tokenizer_and_processor(source: str) -> tuple[Any, Any]:
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, **hub)
         except (OSError, ValueError, KeyError, TypeError):
             tokenizer = None
     return _real(tokenizer), processor
@@ -154,8 +166,7 @@ def _source(model_name_or_path: str | Path) -> str:
 def _load_config(source: str, kwargs: dict[str, Any]) -> Any:
     from transformers import AutoConfig
 
-    shared = ("revision", "cache_dir", "token", "trust_remote_code")
-    config_kwargs = {k: kwargs[k] for k in shared if k in kwargs}
+    config_kwargs = {k: kwargs[k] for k in HUB_KEYWORDS if k in kwargs}
     try:
         return AutoConfig.from_pretrained(source, **config_kwargs)
     except (OSError, ValueError) as exc:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, Run, Tap, changed_since, snapshot
+from bridge_core.hooks import Handle, Run, Tap, changed_since, mark_tap, snapshot
 
 
 class Step(Protocol):
@@ -184,7 +184,7 @@ class ViewTap:
             return new
 
         recorders = [
-            s.source.register_forward_pre_hook(s.record, with_kwargs=True, prepend=True)
+            s.source.register_forward_pre_hook(mark_tap(s.record), with_kwargs=True, prepend=True)
             for s in steps
             if isinstance(s, Tokens)
         ]

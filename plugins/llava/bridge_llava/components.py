@@ -22,7 +22,7 @@ from bridge_core.components import (
 )
 from bridge_core.components.base import Shape
 from bridge_core.errors import InputError
-from bridge_core.hooks import Handle, HookPoint, Run, first_tensor, replace_first
+from bridge_core.hooks import Handle, HookPoint, Run, first_tensor, mark_tap, replace_first
 from bridge_llava import vision
 from bridge_llava.vision import FeatureLayer, ImageTokens, Strategy
 
@@ -151,7 +151,7 @@ class TowerOutputTap:
                 output["hidden_states"] = (*hidden[:-1], new)
             return replace_first(output, new)
 
-        return self.module.register_forward_hook(hook, prepend=True)
+        return self.module.register_forward_hook(mark_tap(hook), prepend=True)
 
 
 class CLIPVisionEncoderBridge(PartsComponent):

@@ -1,0 +1,159 @@
+"""Hook state belongs to a call and to a bridge: threads, two bridges, copies, pickles, compile."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bridge_adapters import tiny
+from bridge_core import BridgeError, HookPoint, InputError, TransformerBridge
+
+
+@pytest.fixture
+def gpt2() -> tuple[Any, TransformerBridge]:
+    model, tokenizer = tiny.tiny_gpt2()
+    return model, TransformerBridge.wrap(model, tokenizer=tokenizer)
+
+
+def zero(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+    return torch.zeros_like(x)
+
+
+def test_two_threads_see_only_their_own_hooks_and_caches(
+    gpt2: tuple[Any, TransformerBridge],
+) -> None:
+    _, bridge = gpt2
+    prompts = {name: torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(s))
+               for s, name in enumerate(("a", "b"))}  # fmt: skip
+    with torch.no_grad():
+        expected = {n: bridge.run_with_cache(ids)[1]["blocks.1.hook_resid_post"]
+                    for n, ids in prompts.items()}  # fmt: skip
+    fired: dict[str, list[str]] = {"a": [], "b": []}
+    problems: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def work(name: str) -> None:
+        def spy(x: torch.Tensor, hook: HookPoint) -> None:
+            fired[name].append(threading.current_thread().name)
+
+        barrier.wait()
+        for _ in range(15):
+            with torch.no_grad():
+                bridge.run_with_hooks(prompts[name], fwd_hooks=[("blocks.0.hook_in", spy)])
+                _, cache = bridge.run_with_cache(
+                    prompts[name], names_filter="blocks.1.hook_resid_post"
+                )
+            if not torch.equal(cache["blocks.1.hook_resid_post"], expected[name]):
+                problems.append(f"{name} cached another prompt")
+
+    threads = [threading.Thread(target=work, args=(n,), name=n) for n in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert problems == []
+    assert fired["a"] == ["a"] * 15 and fired["b"] == ["b"] * 15  # never in the other's forward
+    assert not any(p.has_hooks for p in bridge.hook_dict.values())
+
+
+def test_two_bridges_over_one_model_are_independent(gpt2: tuple[Any, TransformerBridge]) -> None:
+    model, first = gpt2
+    second = TransformerBridge.wrap(model)
+    ids = torch.randint(3, 500, (2, 6))
+    with torch.no_grad():
+        plain = model(ids).logits
+        first.add_perma_hook("blocks.1.hook_resid_pre", lambda x, hook: x * 2)
+        ablated = first(ids)
+        assert not torch.equal(ablated, plain)
+        assert torch.equal(second(ids), plain)  # the other bridge's permanent hook is silent
+        second.reset_hooks(including_permanent=True)
+        assert torch.equal(first(ids), ablated)  # and untouched by this reset
+        halve = [("blocks.0.attn.hook_pattern", lambda p, hook: p * 0.5)]
+        with first.hooks(fwd_hooks=halve):
+            _, cache = second.run_with_cache(ids, names_filter="blocks.0.attn.hook_pattern")
+            both = first(ids)  # the first's pattern edit still fires after the second's cache
+        assert not torch.equal(both, ablated)
+        _, alone = second.run_with_cache(ids, names_filter="blocks.0.attn.hook_pattern")
+        assert torch.equal(cache["pattern", 0], alone["pattern", 0])  # not halved by the first
+    first.reset_hooks(including_permanent=True)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_deepcopy_is_an_independent_bridge_even_taken_while_hooked(
+    gpt2: tuple[Any, TransformerBridge],
+) -> None:
+    _, bridge = gpt2
+    ids = torch.randint(3, 500, (2, 6))
+    with torch.no_grad():
+        plain = bridge(ids)
+        bridge.add_perma_hook("blocks.0.hook_resid_post", zero)
+        ablated = bridge(ids)
+        with bridge.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda p, hook: None)]):
+            clone = copy.deepcopy(bridge)  # taken while a pattern hook routes attention
+        assert torch.equal(clone(ids), ablated)  # the permanent hook came along
+        assert clone.original_model is not bridge.original_model
+        clone.reset_hooks(including_permanent=True)
+        assert torch.equal(clone(ids), plain)
+        assert torch.equal(bridge(ids), ablated)  # the original keeps its own
+        _, cache = clone.run_with_cache(ids, names_filter="blocks.1.attn.hook_pattern")
+        assert cache["pattern", 1].shape == (2, 4, 6, 6)
+    bridge.reset_hooks(including_permanent=True)
+
+
+def test_a_booted_bridge_pickles_and_refuses_while_hooked(saved_gpt2: Path, tmp_path: Path) -> None:
+    bridge = TransformerBridge.boot(saved_gpt2)  # the tokenizer is not loaded yet
+    restored = pickle.loads(pickle.dumps(bridge))
+    ids = torch.randint(3, 500, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(restored(ids), bridge(ids))
+        assert restored.to_tokens("hello").shape[0] == 1  # its tokenizer loads as the original's
+        _, cache = restored.run_with_cache(ids, names_filter="hook_embed")
+    assert cache["hook_embed"].shape == (2, 6, 64)
+    bridge.add_hook("hook_embed", zero)
+    with pytest.raises(BridgeError, match="cannot pickle a bridge while hooks are attached"):
+        pickle.dumps(bridge)
+    bridge.reset_hooks()
+
+
+def test_compiled_models_run_hooks_eagerly_and_exactly(gpt2: tuple[Any, TransformerBridge]) -> None:
+    _, bridge = gpt2
+    ids = torch.randint(3, 500, (2, 6))
+    with torch.no_grad():
+        eager_logits, eager_cache = bridge.run_with_cache(ids)
+        edit = [("blocks.0.attn.hook_pattern", lambda p, hook: p * 0.5)]
+        eager_edit = bridge.run_with_hooks(ids, fwd_hooks=edit)
+        compiled = torch.compile(TransformerBridge.wrap(bridge.original_model))
+        with pytest.warns(RuntimeWarning, match="runs the HF model eagerly"):
+            compiled(ids)
+        logits, cache = compiled.run_with_cache(ids)
+        assert torch.equal(logits, eager_logits) and cache.keys() == eager_cache.keys()
+        assert all(torch.equal(cache[k], eager_cache[k]) for k in cache)
+        compiled.add_perma_hook("blocks.0.attn.hook_pattern", lambda p, hook: p * 0.5)
+        assert torch.equal(compiled(ids), eager_edit)  # never a graph without the hook
+        compiled.reset_hooks(including_permanent=True)
+        bridge.compile()  # the HF model, in place: plain calls compiled, hooked calls eager
+        torch.testing.assert_close(bridge(ids), eager_logits)
+        assert torch.equal(bridge.run_with_hooks(ids, fwd_hooks=edit), eager_edit)
+        logits, cache = bridge.run_with_cache(ids)
+        assert torch.equal(logits, eager_logits) and len(cache) == len(eager_cache)
+
+
+def test_a_call_that_fails_adds_nothing(gpt2: tuple[Any, TransformerBridge]) -> None:
+    _, bridge = gpt2
+    with pytest.raises(BridgeError, match="is off"):  # the second point refuses
+        bridge.add_hook(["blocks.0.hook_in", "blocks.0.attn.hook_result"], zero)
+    refused = [("blocks.0.hook_in", zero), ("blocks.1.attn.hook_result", zero)]
+    with pytest.raises(BridgeError, match="is off"), bridge.hooks(fwd_hooks=refused):
+        pass
+    with pytest.raises(InputError, match="got None"):
+        bridge.add_hook(None, zero)  # type: ignore[arg-type]  # on purpose
+    with pytest.raises(InputError, match="not callable"):
+        bridge.add_hook("blocks.0.hook_in", None)  # type: ignore[arg-type]  # on purpose
+    assert not any(p.has_hooks for p in bridge.hook_dict.values())
+    assert bridge.attached_points == 0
