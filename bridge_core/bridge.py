@@ -274,7 +274,7 @@ class TransformerBridge(nn.Module):
         if not isinstance(input, str | list):
             raise InputError(f"input must be text, a list of texts or ids (got {type(input)})")
         if images is not None:
-            encoded = tokens.process(self.processor, input, images)
+            encoded = tokens.process(self.processor, input, images, padding_side)
             twice = sorted(set(encoded) & set(kwargs))
             if twice:
                 raise InputError(
