@@ -20,6 +20,7 @@ from bridge_core.recording import Recorder
 
 if TYPE_CHECKING:  # pydantic-backed: imported by the first wrap/boot, not with the package
     from bridge_core.config import TransformerBridgeConfig
+    from bridge_core.multimodal import ImageLayout
     from bridge_core.registry import Registry
     from bridge_core.spec import AdapterSpec
     from bridge_core.verify import VerifyReport
@@ -285,6 +286,52 @@ class TransformerBridge(nn.Module):
             encoded = tokens.tokenize(self.tokenizer, input, prepend_bos, padding_side)
         return {**tokens.to_device(encoded, self.device, self.dtype), **kwargs}
 
+    def image_layout(
+        self,
+        input: tokens.TextInput | torch.Tensor | None = None,
+        images: Any = None,
+        *,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        **kwargs: Any,
+    ) -> ImageLayout:
+        """Where each image's tokens sit, which patch each shows, and its pixels.
+
+        Takes the inputs a forward takes (text with ``images=``, or ``input_ids`` and
+        ``pixel_values`` ...); see `bridge_core.multimodal`.
+
+        Args:
+            image_sizes: original (height, width) of each image (as HF's ``image_sizes``),
+                for pixel boxes when only pixel values are given (``images=`` knows them).
+
+        Raises:
+            InputError: no component of this bridge places images, or inputs that do not fit.
+        """
+        from bridge_core.multimodal import LayoutRequest
+
+        kwargs.pop("return_type", None)
+        if image_sizes is not None:
+            kwargs["image_sizes"] = image_sizes
+        inputs = self.prepare_inputs(input, images, prepend_bos, padding_side, **kwargs)
+        sizes = inputs.get("image_sizes")
+        request = LayoutRequest(
+            inputs,
+            images,
+            None if sizes is None else [(int(h), int(w)) for h, w in _as_list(sizes)],
+            self.processor,
+            getattr(self.original_model, "config", None),
+        )
+        for component in self.children():
+            if isinstance(component, GeneralizedComponent):
+                layout = component.image_layout(request)
+                if layout is not None:
+                    return layout
+        raise InputError(
+            f"this bridge ({self.adapter.name}: {type(self.original_model).__name__}) has no "
+            "component that places images in the sequence, so it has no image layout"
+        )
+
     # -- hooks ---------------------------------------------------------------------------
 
     def add_hook(
@@ -380,7 +427,8 @@ class TransformerBridge(nn.Module):
                 ``return_type="loss"`` or ``"both"``.
 
         Returns:
-            (what forward returns, ActivationCache)
+            (what forward returns, ActivationCache); ``cache.image_layout`` is the
+            `ImageLayout` of a run with images (computed when first read), else None.
         """
         selected = self._names.select(names_filter)
         if incl_bwd and kwargs.get("return_type") not in ("loss", "both"):
@@ -400,6 +448,8 @@ class TransformerBridge(nn.Module):
             sorted(store.items(), key=lambda kv: order.get(kv[0].removesuffix("_grad"), 0))
         )
         cache = ActivationCache(ordered, self, has_batch_dim=not remove_batch_dim, calls=calls)
+        if "images" in kwargs or "pixel_values" in kwargs:
+            cache.set_image_layout(lambda: self.image_layout(*args, **kwargs))
         return output, cache
 
     # -- text ----------------------------------------------------------------------------
@@ -450,6 +500,10 @@ class TransformerBridge(nn.Module):
 
     def __repr__(self) -> str:
         return f"TransformerBridge({self.adapter.name}: {type(self.original_model).__name__})"
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value.tolist() if isinstance(value, torch.Tensor) else value)
 
 
 def _tokenizer_of(processor: Any) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import ItemsView, Iterator, KeysView, ValuesView
+from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -11,6 +11,7 @@ from bridge_core.errors import HookNameError, InputError, did_you_mean
 
 if TYPE_CHECKING:
     from bridge_core.bridge import TransformerBridge
+    from bridge_core.multimodal import ImageLayout
 
 PosSlice = int | slice | list[int] | torch.Tensor | None
 
@@ -66,6 +67,26 @@ class ActivationCache:
         self.model = model
         self.has_batch_dim = has_batch_dim
         self.call_lists: dict[str, list[torch.Tensor]] = dict(calls or {})
+        self._image_layout: ImageLayout | None = None
+        self._layout_source: Callable[[], ImageLayout] | None = None
+
+    @property
+    def image_layout(self) -> ImageLayout | None:
+        """Where the run's images sit in the sequence (`bridge_core.multimodal`), or None.
+
+        `run_with_cache` sets it for inputs with images; it is computed when first read.
+        """
+        if self._layout_source is not None:
+            source, self._layout_source = self._layout_source, None
+            self._image_layout = source()
+        return self._image_layout
+
+    def set_image_layout(self, layout: ImageLayout | Callable[[], ImageLayout] | None) -> None:
+        """Set the image layout, or a function that computes it when first read."""
+        if callable(layout):
+            self._image_layout, self._layout_source = None, layout
+        else:
+            self._image_layout, self._layout_source = layout, None
 
     # -- mapping -------------------------------------------------------------------------
 
