@@ -298,6 +298,50 @@ def layout_of(cache: ActivationCache) -> ImageLayout:
     return layout
 
 
+def vision_logit_lens(
+    cache: ActivationCache, residual_stack: torch.Tensor, stack: str | None = None
+) -> torch.Tensor:
+    """Logits of vision hidden states: fed tokens -> projector -> final norm -> unembed.
+
+    Args:
+        residual_stack: ``[..., tokens, vision_d_model]`` vision residual states; over the
+            tower's whole sequence, the tokens the model does not feed (a dropped CLS) are
+            removed first.
+        stack: the vision layers the states come from (default: the tower feeding the LM).
+
+    Returns:
+        ``[..., fed tokens, d_vocab]``
+
+    Raises:
+        InputError: the cache has no image layout, or `stack` does not feed the LM.
+    """
+    route = layout_of(cache).vision
+    if route is None:
+        raise InputError("this model's plugin does not say how image features reach the LM")
+    if stack is not None and stack != route.stack:
+        raise InputError(
+            f"the logit lens goes from the language model's 'blocks' or from {route.stack!r} "
+            f"(the vision layers that feed it); got stack={stack!r}"
+        )
+    model = cache.model
+    tower_len = cache[f"{route.stack}.0.hook_resid_pre"].shape[-2]
+    if route.skip_tokens and residual_stack.shape[-2] == tower_len:
+        residual_stack = residual_stack[..., route.skip_tokens :, :]
+    projector = model.component(route.projector)
+    features = cache[route.projector + ".hook_in"]
+    if features.shape[-1] != residual_stack.shape[-1]:
+        raise InputError(
+            f"{route.projector} takes features of width {features.shape[-1]} (several vision "
+            f"layers concatenated?), the stack has width {residual_stack.shape[-1]}; the "
+            "vision logit lens sends one layer's states through the projector"
+        )
+    with torch.no_grad():
+        resid: torch.Tensor = projector(residual_stack)
+        normalized = model.component("ln_final")(resid)
+        logits: torch.Tensor = model.component("unembed")(normalized)
+    return logits
+
+
 __all__ = [
     "Box",
     "ImageLayout",
@@ -306,4 +350,5 @@ __all__ = [
     "Tile",
     "VisionRoute",
     "layout_of",
+    "vision_logit_lens",
 ]
