@@ -416,6 +416,7 @@ class TransformerBridge(nn.Module):
         device: str | torch.device | None = None,
         remove_batch_dim: bool = False,
         incl_bwd: bool = False,
+        metric: Callable[[Any], torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> tuple[Any, ActivationCache]:
         """Run forward and cache the activations `names_filter` selects (all by default).
@@ -423,16 +424,17 @@ class TransformerBridge(nn.Module):
         Args:
             device: where to put cached tensors (the model stays where it is).
             remove_batch_dim: drop the batch dimension (batch of one).
-            incl_bwd: also run backward from the loss and cache ``<name>_grad``; needs
-                ``return_type="loss"`` or ``"both"``.
+            incl_bwd: also run backward and cache ``<name>_grad``: from ``metric(output)``
+                if given, else from the loss (``return_type="loss"`` or ``"both"``).
+            metric: ``fn(output) -> scalar tensor`` to differentiate (needs incl_bwd);
+                gradients also reach inputs that require them (``pixel_values``).
 
         Returns:
             (what forward returns, ActivationCache); ``cache.image_layout`` is the
             `ImageLayout` of a run with images (computed when first read), else None.
         """
         selected = self._names.select(names_filter)
-        if incl_bwd and kwargs.get("return_type") not in ("loss", "both"):
-            raise InputError("incl_bwd=True differentiates the loss: pass return_type='loss'")
+        _check_backward(incl_bwd, metric, kwargs.get("return_type", "logits"))
         recorder = Recorder(device, remove_batch_dim)
         points = self._names.points
         fwd = [(n, recorder.saver(n, points[n])) for n in selected]
@@ -440,8 +442,7 @@ class TransformerBridge(nn.Module):
         with self.hooks(fwd, bwd):
             output = self(*args, **kwargs)
             if incl_bwd:
-                loss = output[1] if isinstance(output, tuple) else output
-                loss.backward()
+                _backward(output, metric)
         store, calls = recorder.finish()
         order = {n: i for i, n in enumerate(selected)}
         ordered = dict(
@@ -500,6 +501,38 @@ class TransformerBridge(nn.Module):
 
     def __repr__(self) -> str:
         return f"TransformerBridge({self.adapter.name}: {type(self.original_model).__name__})"
+
+
+def _check_backward(incl_bwd: bool, metric: Any, return_type: Any) -> None:
+    if metric is not None and not incl_bwd:
+        raise InputError("metric= is what incl_bwd=True differentiates: pass incl_bwd=True too")
+    if metric is not None and not callable(metric):
+        raise InputError(
+            f"metric must be a function output -> scalar (got {type(metric).__name__})"
+        )
+    if incl_bwd and metric is None and return_type not in ("loss", "both"):
+        raise InputError(
+            "incl_bwd=True differentiates the loss (pass return_type='loss') or a metric "
+            "(pass metric=fn, fn(output) -> scalar)"
+        )
+
+
+def _backward(output: Any, metric: Callable[[Any], torch.Tensor] | None) -> None:
+    if metric is None:
+        target = output[1] if isinstance(output, tuple) else output
+    else:
+        target = metric(output)
+        if not isinstance(target, torch.Tensor) or target.numel() != 1:
+            shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target)
+            raise InputError(
+                f"metric must return a scalar tensor that depends on the output (got {shape})"
+            )
+        if not target.requires_grad:
+            raise InputError(
+                "metric returned a tensor without gradient: compute it from the output "
+                "(without .detach(), .item() or torch.no_grad())"
+            )
+    target.backward()
 
 
 def _as_list(value: Any) -> list[Any]:
