@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 
 from bridge_core import TransformerBridge
 from bridge_llava.tiny import tiny_image

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bridge_core import InputError, TransformerBridge
-from bridge_llava.tiny import tiny_image, tiny_llava, tiny_llava_next
+from bridge_llava.tiny import tiny_image, tiny_llava
 
 VISION = "vision_encoder.layers"
 
@@ -48,7 +48,7 @@ def test_decompose_resid_of_llava_next_and_without_resid_pre(
         _, partial = bridge.run_with_cache(
             "<image> Hi", images=[image], names_filter=lambda n: "attn.hook_out" in n or "mlp" in n
         )
-    with pytest.raises(InputError, match="needs 'blocks.0.hook_resid_pre'"):
+    with pytest.raises(InputError, match=r"needs 'blocks\.0\.hook_resid_pre'"):
         partial.decompose_resid(mode="attn")
     assert partial.decompose_resid(incl_embeds=False, mode="attn").shape[0] == 2
 
@@ -75,14 +75,14 @@ def test_vision_stack_helpers_are_the_towers_hidden_states(
     torch.testing.assert_close(
         scaled * norm.weight + norm.bias, cache["vision_encoder.layers.1.layer_norm1.hook_out"]
     )
-    with pytest.raises(InputError, match="no norm of 'vision_encoder.layers' reads the output"):
+    with pytest.raises(InputError, match=r"no norm of 'vision_encoder\.layers' reads the output"):
         cache.accumulated_resid(apply_ln=True, stack=VISION)
 
 
 def test_vision_logit_lens_goes_through_projector_norm_and_unembed(
     run: tuple, llava: tuple[Any, Any], bridge: TransformerBridge
 ) -> None:
-    logits, cache = run
+    _, cache = run
     model, _ = llava
     acc = cache.accumulated_resid(stack=VISION)  # [3, images, 17, 32]
     lens = cache.logit_lens(acc, stack=VISION)
@@ -99,7 +99,7 @@ def test_vision_logit_lens_goes_through_projector_norm_and_unembed(
     crop, token = im.vision_token(int(im.positions[3]))
     at_image = cache.logit_lens(cache["resid_pre", 0][im.row, im.positions[3]])
     torch.testing.assert_close(lens[1, crop, token - 1], at_image, rtol=0, atol=1e-5)
-    with pytest.raises(InputError, match="'blocks' or from 'vision_encoder.layers'"):
+    with pytest.raises(InputError, match=r"'blocks' or from 'vision_encoder\.layers'"):
         cache.logit_lens(acc, stack="vision_encoder")
 
 
