@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, overload
 import torch
 
 from bridge_core.errors import InputError
+from bridge_core.heatmap import save_heatmap
 
 if TYPE_CHECKING:
     from bridge_core.cache import ActivationCache
@@ -298,6 +299,45 @@ def layout_of(cache: ActivationCache) -> ImageLayout:
     return layout
 
 
+def attention_to_image(
+    cache: ActivationCache,
+    layer: int,
+    head: int | None = None,
+    query: int = -1,
+    image: int = 0,
+    batch: int = 0,
+) -> torch.Tensor | list[torch.Tensor]:
+    """How much a query token attends to each patch of an image, on the patch grid.
+
+    Args:
+        layer: the language-model block (negative counts from the end).
+        head: one head, or None for the mean over heads.
+        query: the query position (negative counts from the end of the sequence).
+        image: which image of the row, in sequence order.
+        batch: the batch row.
+
+    Returns:
+        ``[rows, cols]`` attention weights; a list with one grid per tile for
+        any-resolution models.
+
+    Raises:
+        InputError: no layout or pattern in the cache, or an index out of range.
+    """
+    placement = layout_of(cache).image(image, batch)
+    pattern = cache["pattern", layer]
+    if cache.has_batch_dim:
+        pattern = pattern[batch]
+    if head is None:
+        weights = pattern.mean(0)
+    elif -pattern.shape[0] <= head < pattern.shape[0]:
+        weights = pattern[head]
+    else:
+        raise InputError(f"layer {layer} has {pattern.shape[0]} heads; got head={head}")
+    if not -weights.shape[0] <= query < weights.shape[0]:
+        raise InputError(f"the sequence has {weights.shape[0]} positions; got query={query}")
+    return placement.to_grid(weights[query])
+
+
 def vision_logit_lens(
     cache: ActivationCache, residual_stack: torch.Tensor, stack: str | None = None
 ) -> torch.Tensor:
@@ -349,6 +389,8 @@ __all__ = [
     "LayoutRequest",
     "Tile",
     "VisionRoute",
+    "attention_to_image",
     "layout_of",
+    "save_heatmap",
     "vision_logit_lens",
 ]
