@@ -308,29 +308,13 @@ class TransformerBridge(nn.Module):
         Raises:
             InputError: no component of this bridge places images, or inputs that do not fit.
         """
-        from bridge_core.multimodal import LayoutRequest
+        from bridge_core.multimodal import layout_for
 
         kwargs.pop("return_type", None)
         if image_sizes is not None:
             kwargs["image_sizes"] = image_sizes
         inputs = self.prepare_inputs(input, images, prepend_bos, padding_side, **kwargs)
-        sizes = inputs.get("image_sizes")
-        request = LayoutRequest(
-            inputs,
-            images,
-            None if sizes is None else [(int(h), int(w)) for h, w in _as_list(sizes)],
-            self.processor,
-            getattr(self.original_model, "config", None),
-        )
-        for component in self.children():
-            if isinstance(component, GeneralizedComponent):
-                layout = component.image_layout(request)
-                if layout is not None:
-                    return layout
-        raise InputError(
-            f"this bridge ({self.adapter.name}: {type(self.original_model).__name__}) has no "
-            "component that places images in the sequence, so it has no image layout"
-        )
+        return layout_for(self, inputs, images)
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -533,10 +517,6 @@ def _backward(output: Any, metric: Callable[[Any], torch.Tensor] | None) -> None
                 "(without .detach(), .item() or torch.no_grad())"
             )
     target.backward()
-
-
-def _as_list(value: Any) -> list[Any]:
-    return list(value.tolist() if isinstance(value, torch.Tensor) else value)
 
 
 def _tokenizer_of(processor: Any) -> Any:

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
+from bridge_core.components.base import GeneralizedComponent
 from bridge_core.errors import InputError
 from bridge_core.heatmap import save_heatmap
 
 if TYPE_CHECKING:
+    from bridge_core.bridge import TransformerBridge
     from bridge_core.cache import ActivationCache
 
 Box = tuple[float, float, float, float]
@@ -288,6 +290,33 @@ class ImageLayout(Sequence[list[ImagePlacement]]):
         return f"ImageLayout(batch={len(self.rows)}, images per row={counts})"
 
 
+def layout_for(bridge: TransformerBridge, inputs: Mapping[str, Any], images: Any) -> ImageLayout:
+    """Ask the bridge's top-level components for the layout of `inputs` (forward keywords).
+
+    Raises:
+        InputError: no component places images in the sequence.
+    """
+    sizes = inputs.get("image_sizes")
+    if isinstance(sizes, torch.Tensor):
+        sizes = sizes.tolist()
+    request = LayoutRequest(
+        inputs,
+        images,
+        None if sizes is None else [(int(h), int(w)) for h, w in sizes],
+        bridge.processor,
+        getattr(bridge.original_model, "config", None),
+    )
+    for component in bridge.children():
+        if isinstance(component, GeneralizedComponent):
+            layout = component.image_layout(request)
+            if layout is not None:
+                return layout
+    raise InputError(
+        f"this bridge ({bridge.adapter.name}: {type(bridge.original_model).__name__}) has no "
+        "component that places images in the sequence, so it has no image layout"
+    )
+
+
 def layout_of(cache: ActivationCache) -> ImageLayout:
     """The image layout of a cached run, or a clear error if the run had none."""
     layout = cache.image_layout
@@ -390,6 +419,7 @@ __all__ = [
     "Tile",
     "VisionRoute",
     "attention_to_image",
+    "layout_for",
     "layout_of",
     "save_heatmap",
     "vision_logit_lens",
