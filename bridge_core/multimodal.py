@@ -215,15 +215,13 @@ class ImagePlacement:
         return values[positions.to(values.device)]
 
     def _not_a_patch(self, pos: int) -> str:
-        what = "no token of it"
+        what = f"is not a token of image {self.index}"
         if pos == self.cls_position:
-            what = "its CLS token, which shows no single patch"
+            what = f"is the CLS token of image {self.index}, which shows no single patch"
         elif bool((self.newline_positions == pos).any()):
-            what = "a newline token (the end of a row of patches)"
+            what = f"is a newline token (the end of a row of patches) of image {self.index}"
         spans = ", ".join(f"{int(t.positions.min())}..{int(t.positions.max())}" for t in self.tiles)
-        return (
-            f"position {pos} of row {self.row} is {what} of image {self.index} (patches: {spans})"
-        )
+        return f"position {pos} of row {self.row} {what} (its patch tokens: {spans})"
 
 
 class ImageLayout(Sequence[list[ImagePlacement]]):

@@ -168,7 +168,7 @@ def test_to_grid_and_bad_positions(bridge: TransformerBridge, image: Any) -> Non
     assert im.to_grid(torch.zeros(layout.pad_mask.shape[1], 5)).shape == (4, 4, 5)
     with pytest.raises(InputError, match="over image 0's 16 tokens; got length 3"):
         im.to_grid(torch.zeros(3))
-    with pytest.raises(InputError, match="position 0 of row 0 is no token of it of image 0"):
+    with pytest.raises(InputError, match="position 0 of row 0 is not a token of image 0"):
         im.token_patch(0)
     with pytest.raises(InputError, match="batch row 0 has 1 image"):
         layout.image(1)
