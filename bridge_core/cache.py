@@ -285,7 +285,7 @@ class ActivationCache:
         layers = _Stack.of(self, stack)
         n_layers = layers.n_layers
         layer = n_layers if layer is None else layer
-        terms = self._embed_terms(layers) if incl_embeds else []
+        terms = _embed_terms(self, layers) if incl_embeds else []
         for i in range(layer + int(mlp_input and layer < n_layers)):
             if mode in ("all", "attn"):
                 terms.append((f"{i}_attn_out", self[layers.name(i, "hook_attn_out")]))
@@ -299,32 +299,6 @@ class ActivationCache:
             result = self.apply_ln_to_stack(result, layer, mlp_input, pos_slice, stack=stack)
         labels = [label for label, _ in terms]
         return (result, labels) if return_labels else result
-
-    def _embed_terms(self, layers: _Stack) -> list[tuple[str, torch.Tensor]]:
-        """The terms of the first layer's input: embeddings, and image features if any."""
-        if not layers.is_language_model:
-            return [("embed", self[layers.name(0, "hook_resid_pre")])]
-        terms = [
-            (name.removeprefix("hook_"), self[name])
-            for name in ("hook_embed", "hook_pos_embed")
-            if name in self
-        ]
-        layout = self.image_layout
-        if layout is None or not layout.images:
-            return terms
-        first = layers.name(0, "hook_resid_pre")
-        if first not in self:
-            raise InputError(
-                f"decompose_resid of a run with images needs {first!r} (the stream once the "
-                "image features are in): cache it too (names_filter)"
-            )
-        resid = self[first]
-        mask = layout.image_mask.to(resid.device)
-        mask = (mask if self.has_batch_dim else mask[0]).unsqueeze(-1)
-        zero = torch.zeros((), dtype=resid.dtype, device=resid.device)
-        terms = [(n, torch.where(mask, zero, t) if n == "embed" else t) for n, t in terms]
-        rest = resid - sum((t for _, t in terms), torch.zeros_like(resid))
-        return [*terms, ("image", torch.where(mask, rest, zero))]
 
     def apply_ln_to_stack(
         self,
@@ -437,6 +411,33 @@ class _Stack:
         if self.is_language_model:
             return cfg.normalization_type or "RMS", float(cfg.eps or eps or 1e-5)
         return ("LN" if isinstance(module, nn.LayerNorm) else "RMS"), float(eps or 1e-5)
+
+
+def _embed_terms(cache: ActivationCache, layers: _Stack) -> list[tuple[str, torch.Tensor]]:
+    """The terms of the first layer's input: embeddings, and image features if any."""
+    if not layers.is_language_model:
+        return [("embed", cache[layers.name(0, "hook_resid_pre")])]
+    terms = [
+        (name.removeprefix("hook_"), cache[name])
+        for name in ("hook_embed", "hook_pos_embed")
+        if name in cache
+    ]
+    layout = cache.image_layout
+    if layout is None or not layout.images:
+        return terms
+    first = layers.name(0, "hook_resid_pre")
+    if first not in cache:
+        raise InputError(
+            f"decompose_resid of a run with images needs {first!r} (the stream once the "
+            "image features are in): cache it too (names_filter)"
+        )
+    resid = cache[first]
+    mask = layout.image_mask.to(resid.device)
+    mask = (mask if cache.has_batch_dim else mask[0]).unsqueeze(-1)
+    zero = torch.zeros((), dtype=resid.dtype, device=resid.device)
+    terms = [(n, torch.where(mask, zero, t) if n == "embed" else t) for n, t in terms]
+    rest = resid - sum((t for _, t in terms), torch.zeros_like(resid))
+    return [*terms, ("image", torch.where(mask, rest, zero))]
 
 
 def _module(model: nn.Module, path: str) -> nn.Module | None:

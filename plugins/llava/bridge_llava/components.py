@@ -313,18 +313,9 @@ class CLIPVisionEncoderBridge(PartsComponent):
         i - 1 (``layers.{i-1}.hook_resid_post``); with the usual ``vision_feature_layer=-2``,
         the output of the second-to-last layer.
         """
-        return self._hook_names(self.vision_feature_layer)
-
-    def _hook_names(self, layer: FeatureLayer) -> list[str]:
-        n = self.num_layers
-        vision.check_feature_layer(layer, n)
-        indices = [i % (n + 1) for i in vision.layer_list(layer)]
-        return [
-            f"{self.name}.layers.0.hook_resid_pre"
-            if i == 0
-            else f"{self.name}.layers.{i - 1}.hook_resid_post"
-            for i in indices
-        ]
+        return vision.feature_hook_names(
+            f"{self.name}.layers", self.vision_feature_layer, self.num_layers
+        )
 
     # -- features --------------------------------------------------------------------------
 
@@ -488,6 +479,9 @@ class CLIPVisionEncoderBridge(PartsComponent):
         Raises:
             InputError: image tokens that do not match the images.
         """
+        token = self.image_token_id
+        if token is None:
+            return None
         inputs = request.inputs
         layer = inputs.get("vision_feature_layer")
         given = inputs.get("vision_feature_select_strategy")
@@ -495,19 +489,17 @@ class CLIPVisionEncoderBridge(PartsComponent):
         route = VisionRoute(
             stack=f"{self.name}.layers",
             feature_hooks=tuple(
-                self._hook_names(self.vision_feature_layer if layer is None else layer)
+                vision.feature_hook_names(
+                    f"{self.name}.layers",
+                    self.vision_feature_layer if layer is None else layer,
+                    self.num_layers,
+                )
             ),
             projector=str(self.options.get("projector", "vision_projector")),
             skip_tokens=1 if strategy == "default" else 0,
         )
-        token = self.image_token_id
-        if token is None:
-            return None
         tower = layout.Tower(self.image_size, self.patch_size, token, strategy, self.anyres, route)
-        sizes = request.image_sizes
-        if sizes is None and request.images is not None:
-            sizes = layout.original_sizes(request.images)
-        return layout.build_layout(tower, inputs, sizes, request.processor, request.hf_config)
+        return layout.build_layout(tower, request)
 
     # -- input checks (called by the bridge before every forward) ----------------------
 

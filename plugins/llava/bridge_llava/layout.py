@@ -21,7 +21,7 @@ from transformers.image_utils import get_image_size, make_flat_list_of_images, t
 from transformers.models.llava_next import modeling_llava_next as hf_next
 
 from bridge_core.errors import InputError
-from bridge_core.multimodal import ImageLayout, ImagePlacement, Tile, VisionRoute
+from bridge_core.multimodal import ImageLayout, ImagePlacement, LayoutRequest, Tile, VisionRoute
 
 Size = tuple[int, int]  # (height, width)
 
@@ -78,14 +78,12 @@ def original_sizes(images: Any) -> list[Size]:
     return [(int(h), int(w)) for h, w in (get_image_size(to_numpy_array(im)) for im in flat)]
 
 
-def build_layout(
-    tower: Tower,
-    inputs: Any,
-    sizes: Sequence[Size] | None,
-    processor: Any,
-    hf_config: Any,
-) -> ImageLayout | None:
-    """The layout of `inputs`, or None without ``input_ids`` (nothing to place images in)."""
+def build_layout(tower: Tower, request: LayoutRequest) -> ImageLayout | None:
+    """The layout of the request's inputs, or None without ``input_ids`` (nowhere to place
+    images)."""
+    inputs, sizes = request.inputs, request.image_sizes
+    if sizes is None and request.images is not None:
+        sizes = original_sizes(request.images)
     ids = inputs.get("input_ids")
     if not isinstance(ids, torch.Tensor):
         return None
@@ -95,10 +93,10 @@ def build_layout(
     pixels = inputs.get("pixel_values")
     if not isinstance(pixels, torch.Tensor):
         return ImageLayout([[] for _ in range(ids.shape[0])], pad.cpu(), tower.route)
-    image_processor = getattr(processor, "image_processor", None)
+    image_processor = getattr(request.processor, "image_processor", None)
     if tower.anyres:
         sizes = _anyres_sizes(sizes)
-        specs = _anyres_specs(tower, sizes, image_processor, hf_config)
+        specs = _anyres_specs(tower, sizes, image_processor, request.hf_config)
     else:
         specs = _plain_specs(tower, pixels.shape[0], sizes, image_processor)
     rows = _place(specs, ids.cpu(), tower.image_token_id)
