@@ -319,7 +319,8 @@ def _setter(clean: torch.Tensor, indices: list[Index]) -> Callable[..., torch.Te
             )
         patched = activation.clone()
         for index in indices:
-            patched[index] = clean[index].to(patched.device, patched.dtype)
+            at = tuple(i.to(patched.device) if isinstance(i, torch.Tensor) else i for i in index)
+            patched[at] = clean[index].to(patched.device, patched.dtype)
         return patched
 
     return patch
