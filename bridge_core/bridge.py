@@ -23,6 +23,7 @@ from bridge_core.recording import Recorder
 
 if TYPE_CHECKING:  # pydantic-backed: imported by the first wrap/boot, not with the package
     from bridge_core.config import TransformerBridgeConfig
+    from bridge_core.multimodal import ImageLayout
     from bridge_core.registry import Registry
     from bridge_core.spec import AdapterSpec
     from bridge_core.verify import VerifyReport
@@ -314,7 +315,7 @@ class TransformerBridge(nn.Module):
         if not isinstance(input, str | list):
             raise InputError(f"input must be text, a list of texts or ids (got {type(input)})")
         if images is not None:
-            encoded = tokens.process(self.processor, input, images)
+            encoded = tokens.process(self.processor, input, images, padding_side)
             twice = sorted(set(encoded) & set(kwargs))
             if twice:
                 raise InputError(
@@ -324,6 +325,36 @@ class TransformerBridge(nn.Module):
         else:
             encoded = tokens.tokenize(self.tokenizer, input, prepend_bos, padding_side)
         return {**tokens.to_device(encoded, self.device, self.dtype), **kwargs}
+
+    def image_layout(
+        self,
+        input: tokens.TextInput | torch.Tensor | None = None,
+        images: Any = None,
+        *,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        **kwargs: Any,
+    ) -> ImageLayout:
+        """Where each image's tokens sit, which patch each shows, and its pixels.
+
+        Takes the inputs a forward takes (text with ``images=``, or ``input_ids`` and
+        ``pixel_values`` ...); see `bridge_core.multimodal`.
+
+        Args:
+            image_sizes: original (height, width) of each image (as HF's ``image_sizes``),
+                for pixel boxes when only pixel values are given (``images=`` knows them).
+
+        Raises:
+            InputError: no component of this bridge places images, or inputs that do not fit.
+        """
+        from bridge_core.multimodal import layout_for
+
+        kwargs.pop("return_type", None)
+        if image_sizes is not None:
+            kwargs["image_sizes"] = image_sizes
+        inputs = self.prepare_inputs(input, images, prepend_bos, padding_side, **kwargs)
+        return layout_for(self, inputs, images)
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -427,6 +458,7 @@ class TransformerBridge(nn.Module):
         device: str | torch.device | None = None,
         remove_batch_dim: bool = False,
         incl_bwd: bool = False,
+        metric: Callable[[Any], torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> tuple[Any, ActivationCache]:
         """Run forward and cache the activations `names_filter` selects (all by default).
@@ -434,15 +466,17 @@ class TransformerBridge(nn.Module):
         Args:
             device: where to put cached tensors (the model stays where it is).
             remove_batch_dim: drop the batch dimension (batch of one).
-            incl_bwd: also run backward from the loss and cache ``<name>_grad``; needs
-                ``return_type="loss"`` or ``"both"``.
+            incl_bwd: also run backward and cache ``<name>_grad``: from ``metric(output)``
+                if given, else from the loss (``return_type="loss"`` or ``"both"``).
+            metric: ``fn(output) -> scalar tensor`` to differentiate (needs incl_bwd);
+                gradients also reach inputs that require them (``pixel_values``).
 
         Returns:
-            (what forward returns, ActivationCache)
+            (what forward returns, ActivationCache); ``cache.image_layout`` is the
+            `ImageLayout` of a run with images (computed when first read), else None.
         """
         selected = self._names.select(names_filter)
-        if incl_bwd and kwargs.get("return_type") not in ("loss", "both"):
-            raise InputError("incl_bwd=True differentiates the loss: pass return_type='loss'")
+        _check_backward(incl_bwd, metric, kwargs.get("return_type", "logits"))
         recorder = Recorder(device, remove_batch_dim)
         points = self._names.points
         fwd = [(n, recorder.saver(n, points[n])) for n in selected]
@@ -450,14 +484,15 @@ class TransformerBridge(nn.Module):
         with self.hooks(fwd, bwd):
             output = self._eager_call(*args, **kwargs)
             if incl_bwd:
-                loss = output[1] if isinstance(output, tuple) else output
-                loss.backward()
+                _backward(output, metric)
         store, calls = recorder.finish()
         order = {n: i for i, n in enumerate(selected)}
         ordered = dict(
             sorted(store.items(), key=lambda kv: order.get(kv[0].removesuffix("_grad"), 0))
         )
         cache = ActivationCache(ordered, self, has_batch_dim=not remove_batch_dim, calls=calls)
+        if "images" in kwargs or "pixel_values" in kwargs:
+            cache.set_image_layout(lambda: self.image_layout(*args, **kwargs))
         return output, cache
 
     # -- text ----------------------------------------------------------------------------
@@ -566,6 +601,38 @@ def _outside_compile(bridge: TransformerBridge, args: Any, kwargs: Any) -> Any:
 
 _disable: Callable[..., Any] = torch.compiler.disable  # untyped in torch
 _outside_compile = _disable(_outside_compile)
+
+
+def _check_backward(incl_bwd: bool, metric: Any, return_type: Any) -> None:
+    if metric is not None and not incl_bwd:
+        raise InputError("metric= is what incl_bwd=True differentiates: pass incl_bwd=True too")
+    if metric is not None and not callable(metric):
+        raise InputError(
+            f"metric must be a function output -> scalar (got {type(metric).__name__})"
+        )
+    if incl_bwd and metric is None and return_type not in ("loss", "both"):
+        raise InputError(
+            "incl_bwd=True differentiates the loss (pass return_type='loss') or a metric "
+            "(pass metric=fn, fn(output) -> scalar)"
+        )
+
+
+def _backward(output: Any, metric: Callable[[Any], torch.Tensor] | None) -> None:
+    if metric is None:
+        target = output[1] if isinstance(output, tuple) else output
+    else:
+        target = metric(output)
+        if not isinstance(target, torch.Tensor) or target.numel() != 1:
+            shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target)
+            raise InputError(
+                f"metric must return a scalar tensor that depends on the output (got {shape})"
+            )
+        if not target.requires_grad:
+            raise InputError(
+                "metric returned a tensor without gradient: compute it from the output "
+                "(without .detach(), .item() or torch.no_grad())"
+            )
+    target.backward()
 
 
 def _tokenizer_of(processor: Any) -> Any:

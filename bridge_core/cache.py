@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import ItemsView, Iterator, KeysView, ValuesView
+from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from bridge_core.errors import HookNameError, InputError, did_you_mean
 
 if TYPE_CHECKING:
     from bridge_core.bridge import TransformerBridge
+    from bridge_core.multimodal import ImageLayout
 
 PosSlice = int | slice | list[int] | torch.Tensor | None
 
@@ -20,8 +23,13 @@ _NORM = {"normalized"}
 _SHORT = {"a": "attn", "m": "mlp", "attention": "attn"}
 
 
-def act_name(name: str, layer: int | None = None, sublayer: str | None = None) -> str:
-    """TransformerLens's `get_act_name`: ``("resid_pre", 3)`` -> ``blocks.3.hook_resid_pre``."""
+def act_name(
+    name: str, layer: int | None = None, sublayer: str | None = None, stack: str = "blocks"
+) -> str:
+    """TransformerLens's `get_act_name`: ``("resid_pre", 3)`` -> ``blocks.3.hook_resid_pre``.
+
+    `stack` names the list of layers (``"vision_encoder.layers"`` for a vision tower).
+    """
     if "." in name or name.startswith("hook_"):
         return name
     if name in ("embed", "pos_embed"):
@@ -31,14 +39,14 @@ def act_name(name: str, layer: int | None = None, sublayer: str | None = None) -
             return f"ln_final.hook_{name}"
         raise InputError(f"activation {name!r} needs a layer index, e.g. cache[{name!r}, 0]")
     if name in _ATTN:
-        return f"blocks.{layer}.attn.hook_{name}"
+        return f"{stack}.{layer}.attn.hook_{name}"
     if name in _MLP:
-        return f"blocks.{layer}.mlp.hook_{name}"
+        return f"{stack}.{layer}.mlp.hook_{name}"
     if name in _NORM:
-        return f"blocks.{layer}.{sublayer or 'ln1'}.hook_{name}"
+        return f"{stack}.{layer}.{sublayer or 'ln1'}.hook_{name}"
     if sublayer:
-        return f"blocks.{layer}.{_SHORT.get(sublayer, sublayer)}.hook_{name}"
-    return f"blocks.{layer}.hook_{name}"
+        return f"{stack}.{layer}.{_SHORT.get(sublayer, sublayer)}.hook_{name}"
+    return f"{stack}.{layer}.hook_{name}"
 
 
 class ActivationCache:
@@ -66,6 +74,26 @@ class ActivationCache:
         self.model = model
         self.has_batch_dim = has_batch_dim
         self.call_lists: dict[str, list[torch.Tensor]] = dict(calls or {})
+        self._image_layout: ImageLayout | None = None
+        self._layout_source: Callable[[], ImageLayout] | None = None
+
+    @property
+    def image_layout(self) -> ImageLayout | None:
+        """Where the run's images sit in the sequence (`bridge_core.multimodal`), or None.
+
+        `run_with_cache` sets it for inputs with images; it is computed when first read.
+        """
+        if self._layout_source is not None:
+            source, self._layout_source = self._layout_source, None
+            self._image_layout = source()
+        return self._image_layout
+
+    def set_image_layout(self, layout: ImageLayout | Callable[[], ImageLayout] | None) -> None:
+        """Set the image layout, or a function that computes it when first read."""
+        if callable(layout):
+            self._image_layout, self._layout_source = None, layout
+        else:
+            self._image_layout, self._layout_source = layout, None
 
     # -- mapping -------------------------------------------------------------------------
 
@@ -173,13 +201,23 @@ class ActivationCache:
         return sum(storages.values())
 
     # -- residual-stream analysis ---------------------------------------------------------
+    # Every helper takes `stack`: the bridge path of a list of layers whose components have
+    # the TransformerLens residual names (`hook_resid_pre`, `hook_attn_out` ...): the language
+    # model's `blocks` by default, or e.g. a vision tower's `vision_encoder.layers`.
 
     def stack_activation(
-        self, activation_name: str, layer: int = -1, sublayer_type: str | None = None
+        self,
+        activation_name: str,
+        layer: int = -1,
+        sublayer_type: str | None = None,
+        stack: str = "blocks",
     ) -> torch.Tensor:
         """Stack one activation over layers 0..layer-1 (all if -1): ``[n_layers, ...]``."""
-        n = self.model.cfg.n_layers if layer == -1 else layer
-        return torch.stack([self[activation_name, i, sublayer_type] for i in range(n)])
+        layers = _Stack.of(self, stack)
+        n = layers.n_layers if layer == -1 else layer
+        return torch.stack(
+            [self[act_name(activation_name, i, sublayer_type, stack)] for i in range(n)]
+        )
 
     def accumulated_resid(
         self,
@@ -189,35 +227,37 @@ class ActivationCache:
         pos_slice: PosSlice = None,
         mlp_input: bool = False,
         return_labels: bool = False,
+        stack: str = "blocks",
     ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
         """The residual stream before each layer up to `layer` (and after the last if None).
 
         Returns:
             ``[n, batch, pos, d_model]`` (and the labels, if asked).
         """
-        n_layers = self.model.cfg.n_layers
+        layers = _Stack.of(self, stack)
+        n_layers = layers.n_layers
         layer = n_layers if layer is None else layer % (n_layers + 1)
         parts: list[torch.Tensor] = []
         labels: list[str] = []
         for i in range(layer):
-            parts.append(self["resid_pre", i])
+            parts.append(self[layers.name(i, "hook_resid_pre")])
             labels.append(f"{i}_pre")
             if incl_mid:
-                parts.append(self["resid_mid", i])
+                parts.append(self[layers.resid_mid(i)])
                 labels.append(f"{i}_mid")
         if layer == n_layers:
-            parts.append(self["resid_post", n_layers - 1])
+            parts.append(self[layers.name(n_layers - 1, "hook_resid_post")])
             labels.append("final_post")
         else:
-            parts.append(self["resid_pre", layer])
+            parts.append(self[layers.name(layer, "hook_resid_pre")])
             labels.append(f"{layer}_pre")
             if mlp_input:
-                parts.append(self["resid_mid", layer])
+                parts.append(self[layers.resid_mid(layer)])
                 labels.append(f"{layer}_mid")
-        stack = _slice_pos(torch.stack(parts), pos_slice)
+        result = _slice_pos(torch.stack(parts), pos_slice)
         if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice)
-        return (stack, labels) if return_labels else stack
+            result = self.apply_ln_to_stack(result, layer, mlp_input, pos_slice, stack=stack)
+        return (result, labels) if return_labels else result
 
     def decompose_resid(
         self,
@@ -228,37 +268,37 @@ class ActivationCache:
         pos_slice: PosSlice = None,
         incl_embeds: bool = True,
         return_labels: bool = False,
+        stack: str = "blocks",
     ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
         """The outputs that sum to the residual stream at `layer`: embeddings, attn and mlp.
+
+        The terms add up at every position: in a run with images, ``embed`` is zero at the
+        image tokens and ``image`` is what the model put there (the image features), so the
+        sum is ``blocks.0.hook_resid_pre`` plus the block outputs. For another `stack`,
+        ``embed`` is its first layer's input.
 
         Args:
             mode: "all", "attn" or "mlp": which block outputs to include.
         """
         if mode not in ("all", "attn", "mlp"):
             raise InputError(f"mode must be 'all', 'attn' or 'mlp' (got {mode!r})")
-        n_layers = self.model.cfg.n_layers
+        layers = _Stack.of(self, stack)
+        n_layers = layers.n_layers
         layer = n_layers if layer is None else layer
-        parts: list[torch.Tensor] = []
-        labels: list[str] = []
-        if incl_embeds:
-            for name in ("hook_embed", "hook_pos_embed"):
-                if name in self:
-                    parts.append(self[name])
-                    labels.append(name.removeprefix("hook_"))
+        terms = _embed_terms(self, layers) if incl_embeds else []
         for i in range(layer + int(mlp_input and layer < n_layers)):
             if mode in ("all", "attn"):
-                parts.append(self["attn_out", i])
-                labels.append(f"{i}_attn_out")
+                terms.append((f"{i}_attn_out", self[layers.name(i, "hook_attn_out")]))
             if mode in ("all", "mlp") and i < layer:
-                parts.append(self["mlp_out", i])
-                labels.append(f"{i}_mlp_out")
-        if not parts:
+                terms.append((f"{i}_mlp_out", self[layers.name(i, "hook_mlp_out")]))
+        if not terms:
             raise InputError(f"decompose_resid(layer={layer}) selects no component")
-        shape = max((p.shape for p in parts), key=lambda s: s.numel())  # pos_embed: [1, pos, d]
-        stack = _slice_pos(torch.stack([p.expand(shape) for p in parts]), pos_slice)
+        shape = max((t.shape for _, t in terms), key=lambda s: s.numel())  # pos_embed: [1, pos, d]
+        result = _slice_pos(torch.stack([t.expand(shape) for _, t in terms]), pos_slice)
         if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice)
-        return (stack, labels) if return_labels else stack
+            result = self.apply_ln_to_stack(result, layer, mlp_input, pos_slice, stack=stack)
+        labels = [label for label, _ in terms]
+        return (result, labels) if return_labels else result
 
     def apply_ln_to_stack(
         self,
@@ -267,6 +307,7 @@ class ActivationCache:
         mlp_input: bool = False,
         pos_slice: PosSlice = None,
         has_batch_dim: bool = True,
+        stack: str = "blocks",
     ) -> torch.Tensor:
         """Centre (LayerNorm only) and divide by the scale of the norm that reads `layer`.
 
@@ -274,30 +315,136 @@ class ActivationCache:
         the map is linear in the stack's components, as in TransformerLens. The norm's
         weight and bias are not applied; `logit_lens` applies the whole final norm.
         """
-        cfg = self.model.cfg
-        n_layers = cfg.n_layers
-        if layer is None or layer == n_layers:
-            name = "ln_final.hook_in"
-        else:
-            name = f"blocks.{layer}.{'ln2' if mlp_input else 'ln1'}.hook_in"
-        resid = _slice_pos(self[name], pos_slice)
+        layers = _Stack.of(self, stack)
+        norm = layers.norm(layer, mlp_input)
+        resid = _slice_pos(self[f"{norm}.hook_in"], pos_slice)
         if not has_batch_dim:
             resid = resid[0]
-        eps = cfg.eps or 1e-5
-        if cfg.normalization_type == "LN":
+        kind, eps = layers.norm_kind(norm)
+        if kind == "LN":
             residual_stack = residual_stack - residual_stack.mean(-1, keepdim=True)
             scale = (resid.var(-1, keepdim=True, unbiased=False) + eps).sqrt()
         else:
             scale = (resid.pow(2).mean(-1, keepdim=True) + eps).sqrt()
         return residual_stack / scale
 
-    def logit_lens(self, residual_stack: torch.Tensor) -> torch.Tensor:
-        """Apply the final norm and the unembedding to each element of a residual stack."""
+    def logit_lens(self, residual_stack: torch.Tensor, stack: str = "blocks") -> torch.Tensor:
+        """Apply the final norm and the unembedding to each element of a residual stack.
+
+        With a vision `stack` (``"vision_encoder.layers"``), the tokens the model feeds go
+        through the projector first (`bridge_core.multimodal.vision_logit_lens`).
+        """
         model = self.model
+        if stack != "blocks":
+            from bridge_core.multimodal import vision_logit_lens
+
+            return vision_logit_lens(self, residual_stack, stack)
         with torch.no_grad():
             normalized = model.component("ln_final")(residual_stack)
             logits: torch.Tensor = model.component("unembed")(normalized)
             return logits
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """A list of layers of the bridge, and the hook names of its residual stream."""
+
+    cache: ActivationCache
+    path: str
+    n_layers: int
+
+    @classmethod
+    def of(cls, cache: ActivationCache, path: str) -> _Stack:
+        layers = _module(cache.model, path)
+        if not isinstance(layers, nn.ModuleList):
+            stacks = [n for n, m in cache.model.named_modules() if isinstance(m, nn.ModuleList)]
+            hint = did_you_mean(path, stacks)
+            raise HookNameError(
+                f"stack {path!r} is not a list of layers of this bridge.{hint} Stacks: {stacks}"
+            )
+        return cls(cache, path, len(layers))
+
+    @property
+    def is_language_model(self) -> bool:
+        return self.path == "blocks"
+
+    def name(self, layer: int, hook: str) -> str:
+        return f"{self.path}.{layer}.{hook}"
+
+    def norms(self, layer: int) -> list[str]:
+        """The normalization components of a layer, in forward order (ln1, ln2)."""
+        prefix, aliases = f"{self.path}.{layer}.", self.cache.model._names.aliases
+        return [
+            alias.removesuffix(".hook_normalized")
+            for alias in aliases
+            if alias.startswith(prefix)
+            and alias.endswith(".hook_normalized")
+            and alias[len(prefix) :].count(".") == 1
+        ]
+
+    def resid_mid(self, layer: int) -> str:
+        """The stream between attention and MLP: ``hook_resid_mid``, or the second norm's input."""
+        name = self.name(layer, "hook_resid_mid")
+        if name in self.cache.model._names.aliases or len(self.norms(layer)) < 2:
+            return name
+        return self.norms(layer)[1] + ".hook_in"
+
+    def norm(self, layer: int | None, mlp_input: bool) -> str:
+        """The norm component that reads the stream at `layer` (the final norm for None)."""
+        if layer is None or layer == self.n_layers:
+            if self.is_language_model:
+                return "ln_final"
+            raise InputError(
+                f"no norm of {self.path!r} reads the output of its last layer; pass a layer "
+                f"below {self.n_layers}"
+            )
+        norms = self.norms(layer)
+        if len(norms) < 1 + int(mlp_input):
+            raise InputError(f"layer {layer} of {self.path!r} has the norms {norms}")
+        return norms[int(mlp_input)]
+
+    def norm_kind(self, norm: str) -> tuple[str, float]:
+        """("LN" or "RMS", eps) of a norm component."""
+        cfg = self.cache.model.cfg
+        module = self.cache.model.component(norm).original_component
+        eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", None)
+        if self.is_language_model:
+            return cfg.normalization_type or "RMS", float(cfg.eps or eps or 1e-5)
+        return ("LN" if isinstance(module, nn.LayerNorm) else "RMS"), float(eps or 1e-5)
+
+
+def _embed_terms(cache: ActivationCache, layers: _Stack) -> list[tuple[str, torch.Tensor]]:
+    """The terms of the first layer's input: embeddings, and image features if any."""
+    if not layers.is_language_model:
+        return [("embed", cache[layers.name(0, "hook_resid_pre")])]
+    terms = [
+        (name.removeprefix("hook_"), cache[name])
+        for name in ("hook_embed", "hook_pos_embed")
+        if name in cache
+    ]
+    layout = cache.image_layout
+    if layout is None or not layout.images:
+        return terms
+    first = layers.name(0, "hook_resid_pre")
+    if first not in cache:
+        raise InputError(
+            f"decompose_resid of a run with images needs {first!r} (the stream once the "
+            "image features are in): cache it too (names_filter)"
+        )
+    resid = cache[first]
+    mask = layout.image_mask.to(resid.device)
+    mask = (mask if cache.has_batch_dim else mask[0]).unsqueeze(-1)
+    zero = torch.zeros((), dtype=resid.dtype, device=resid.device)
+    terms = [(n, torch.where(mask, zero, t) if n == "embed" else t) for n, t in terms]
+    rest = resid - sum((t for _, t in terms), torch.zeros_like(resid))
+    return [*terms, ("image", torch.where(mask, rest, zero))]
+
+
+def _module(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _slice_pos(x: torch.Tensor, pos_slice: PosSlice) -> torch.Tensor:

@@ -48,6 +48,10 @@ class InputError(BridgeError, ValueError):
     """Inputs to a bridge call that the model cannot take."""
 
 
+class MissingExtraError(BridgeError, ImportError):
+    """An optional dependency (an extra such as ``multimodal``) that a feature needs is missing."""
+
+
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """Return ' Did you mean ...?' for close matches of `name`, or an empty string."""
     matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)

@@ -31,7 +31,7 @@ def tokenize(
     if isinstance(text, list) and tokenizer.pad_token is not None:
         kwargs["padding"] = True
         if padding_side is not None:
-            kwargs["padding_side"] = padding_side
+            kwargs["padding_side"] = _check_side(padding_side)
     elif isinstance(text, list):  # no pad token: fine as long as nothing needs padding
         _check_same_lengths(tokenizer, text)
     encoded = tokenizer(text, **kwargs)
@@ -61,15 +61,32 @@ def _check_same_lengths(tokenizer: Any, texts: list[str]) -> None:
         )
 
 
-def process(processor: Any, text: TextInput, images: Any) -> dict[str, torch.Tensor]:
-    """Run the attached multimodal processor on text and images."""
+def process(
+    processor: Any, text: TextInput, images: Any, padding_side: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Run the attached multimodal processor on text and images.
+
+    Args:
+        padding_side: "left" or "right" for batches of different lengths (default: the
+            tokenizer's).
+    """
     if processor is None:
         raise InputError(
             "images were given, but this bridge has no processor; pass pixel_values=... "
             "or wrap(processor=...)"
         )
-    padding = isinstance(text, list) and len(text) > 1
-    return dict(processor(text=text, images=images, return_tensors="pt", padding=padding))
+    kwargs: dict[str, Any] = {"return_tensors": "pt"}
+    if isinstance(text, list) and len(text) > 1:
+        kwargs["padding"] = True
+        if padding_side is not None:
+            kwargs["padding_side"] = _check_side(padding_side)
+    return dict(processor(text=text, images=images, **kwargs))
+
+
+def _check_side(padding_side: str) -> str:
+    if padding_side not in ("left", "right"):
+        raise InputError(f"padding_side must be 'left' or 'right' (got {padding_side!r})")
+    return padding_side
 
 
 def input_device(model: torch.nn.Module) -> torch.device:

@@ -13,6 +13,11 @@ from bridge_adapters import tiny
 from bridge_core import TransformerBridge
 from bridge_core.registry import reset_registry
 
+# Tiny models spend their time in thread hand-offs, not arithmetic: one thread is faster, and
+# on a shared 2-core machine much faster. Every comparison runs in this one process (the
+# offline-boot subprocess takes the parent's thread count), so bitwise checks hold.
+torch.set_num_threads(1)
+
 BUILDERS: dict[str, Callable[..., tuple[Any, Any]]] = {
     "gpt2": tiny.tiny_gpt2,
     "llama": tiny.tiny_llama,

@@ -127,3 +127,24 @@ def test_accumulated_resid_for_the_mlp_input_ends_with_resid_mid(gpt2_run: tuple
     stack, labels = cache.accumulated_resid(layer=1, mlp_input=True, return_labels=True)
     assert labels == ["0_pre", "1_pre", "1_mid"]
     assert torch.equal(stack[-1], cache["resid_mid", 1])
+
+
+def test_decompose_resid_adds_up_at_every_position(model_and_bridge: tuple) -> None:
+    _, bridge = model_and_bridge
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(ids)
+    n = bridge.cfg.n_layers
+    for layer in range(n + 1):
+        for mlp_input in (False, True) if layer < n else (False,):
+            parts = cache.decompose_resid(layer, mlp_input=mlp_input)
+            name = "resid_mid" if mlp_input else "resid_pre"
+            target = cache["resid_post", n - 1] if layer == n else cache[name, layer]
+            torch.testing.assert_close(parts.sum(0), target, rtol=0, atol=1e-5)
+    assert cache.image_layout is None
+
+
+def test_unknown_stack_is_named(gpt2_run: tuple) -> None:
+    _, cache = gpt2_run
+    with pytest.raises(HookNameError, match=r"'block' is not a list of layers.*'blocks'"):
+        cache.accumulated_resid(stack="block")

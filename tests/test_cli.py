@@ -87,6 +87,7 @@ def test_help_everywhere(cli: Run, argv: list[str]) -> None:
         (["bogus"], "invalid choice: 'bogus'"),
         (["run", "some/model"], "required: --prompt"),
         (["spec", "show", "gpt2", "--format", "yaml"], "invalid choice: 'yaml'"),
+        (["attention-map", "m", "--prompt", "p", "--layer", "0", "--out", "o.png"], "--image"),
     ],
 )
 def test_usage_errors_exit_2(cli: Run, argv: list[str], message: str) -> None:
@@ -286,6 +287,10 @@ def test_demo_default_model(cli: Run, llava_dir: Path, tmp_path: Path) -> None:
     assert "Image tokens: 16 of" in out
     assert "vision_projector.hook_out equals blocks.0.hook_in at the image positions" in out
     assert "equal the plain HF model's exactly" in out
+    picture = llava_dir.parent / "demo-attention-map.png"  # in the CLI cache directory
+    assert f"Wrote {picture}: attention of position" in out.replace("\n", "")
+    with Image.open(picture) as written:
+        assert written.size == (256, 256)
 
 
 def test_demo_builds_the_default_once(
@@ -380,3 +385,76 @@ def test_the_full_parser_sets_up_every_subcommand() -> None:
     assert args.top_k == 5 and args.plain and args.model == "some/model"
     assert parser.parse_args(["spec", "show", "gpt2"]).handler is cmd_spec_show
     assert parser.parse_args(["demo"]).model is None
+
+
+# -- attention maps --------------------------------------------------------------------------
+
+
+def test_attention_map_paints_the_attention_to_the_image(
+    cli: Run, llava_dir: Path, tmp_path: Path
+) -> None:
+    from bridge_core.multimodal import attention_to_image
+
+    image = tmp_path / "wide.png"
+    Image.new("RGB", (100, 60), (20, 200, 20)).save(image)
+    args = ("--image", image, "--prompt", "What?", "--layer", "-1", "--head", "1", "--query", "-2")
+    code, out, _ = cli("--plain", "attention-map", llava_dir, *args, "--out", tmp_path / "m.png")
+    assert code == 0 and f"Wrote {tmp_path / 'm.png'}: attention of position" in out
+    assert "layer 1, head 1; most at patch" in out
+    with Image.open(tmp_path / "m.png") as written:
+        assert written.size == (256, 154)  # the image's aspect ratio, longest side 256
+        pixels = written.convert("RGB")
+        assert pixels.getpixel((5, 77)) == (20, 200, 20)  # cropped away by the processor
+    bridge = TransformerBridge.boot(llava_dir)
+    with Image.open(image) as img:
+        _, cache = bridge.run_with_cache(
+            "USER: <image>\nWhat? ASSISTANT:", images=[img.convert("RGB")]
+        )
+    grid = attention_to_image(cache, -1, head=1, query=-2)
+    row, col = divmod(int(grid.argmax()), 4)
+    assert f"most at patch ({row}, {col})" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--layer", "2"), "--layer 2 is out of range: the model has 2 blocks"),
+        (("--layer", "0", "--head", "9"), "--head 9 is out of range: the model has 4 heads"),
+        (("--layer", "0", "--query", "999"), "--query 999 is out of range"),
+    ],
+)
+def test_attention_map_bad_indices(
+    cli: Run, llava_dir: Path, tmp_path: Path, extra: tuple[str, ...], message: str
+) -> None:
+    image = tmp_path / "img.png"
+    Image.new("RGB", (32, 32)).save(image)
+    code, _, err = cli(
+        "attention-map",
+        llava_dir,
+        "--image",
+        image,
+        "--prompt",
+        "Hi",
+        *extra,
+        "--out",
+        tmp_path / "m.png",
+    )
+    assert code == 2 and message in one_error_line(err)
+
+
+def test_attention_map_of_a_text_model(cli: Run, saved_gpt2: Path, tmp_path: Path) -> None:
+    image = tmp_path / "img.png"
+    Image.new("RGB", (32, 32)).save(image)
+    code, _, err = cli(
+        "attention-map",
+        saved_gpt2,
+        "--image",
+        image,
+        "--prompt",
+        "Hi",
+        "--layer",
+        "0",
+        "--out",
+        tmp_path / "m.png",
+    )
+    assert code == 2 and "takes no images" in one_error_line(err)

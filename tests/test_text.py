@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bridge_core import InputError, TransformerBridge
+from bridge_core import HookPoint, InputError, TransformerBridge
 
 
 def test_text_input_equals_hf_on_the_same_tokens(llama_bridge: TransformerBridge) -> None:
@@ -73,6 +73,20 @@ def test_generate_runs_hooks_at_every_step(gpt2_bridge: TransformerBridge) -> No
     )
     assert steps == [4, 1, 1]
     assert not any(p.has_hooks for p in gpt2_bridge.hook_dict.values())
+
+
+def test_generate_tells_hooks_the_step_and_positions(llama_bridge: TransformerBridge) -> None:
+    seen: list[tuple[int, list[int]]] = []
+
+    def record(resid: torch.Tensor, hook: HookPoint) -> None:
+        seen.append((hook.ctx["step"], hook.ctx["positions"].tolist()))
+
+    llama_bridge.generate(
+        ["a b c d e", "a"], max_new_tokens=3, fwd_hooks=[("blocks.1.hook_resid_post", record)]
+    )
+    n = len(seen[0][1])  # the prompt, left-padded to the longer text
+    assert seen == [(0, list(range(n))), (1, [n]), (2, [n + 1])]
+    assert all(not p.ctx for p in llama_bridge.hook_dict.values())
 
 
 def test_input_given_twice_is_an_error(gpt2_bridge: TransformerBridge) -> None:

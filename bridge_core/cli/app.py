@@ -61,6 +61,11 @@ COMMANDS = (
         "harvest:setup",
         "harvest activations over a dataset into sharded safetensors (torchrun-ready)",
     ),
+    Command(
+        "attention-map",
+        "attention:setup",
+        "paint how much a token attends to each patch of the image, over the image (PNG)",
+    ),
 )
 
 

@@ -26,6 +26,7 @@ from bridge_core.cli.model import (
     DTYPES,
     activation_rows,
     boot,
+    generated_image,
     inputs_for,
     load_image,
     model_options,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 CACHE_ENV = "TRANSFORMER_BRIDGE_CACHE"
 DEMO_GROUP = "transformer_bridge.demo"
 DEFAULT_DIR = "demo-default-v1"  # bump when the default builder's output changes
+ATTENTION_FILE = "demo-attention-map.png"
 INSTALL_HINT = (
     "pip install transformer-bridge-llava (or pip install -e plugins/llava in a clone), "
     "whose tiny LLaVA is the default"
@@ -62,6 +64,13 @@ def setup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help="prompt text (default: a short question)")
     parser.add_argument(
         "--fresh", action="store_true", help="rebuild the embedded default model (no MODEL)"
+    )
+    parser.add_argument(
+        "--attention-map",
+        type=Path,
+        metavar="FILE.png",
+        help="where to write the picture of the last token's attention to the image "
+        f"(default: {ATTENTION_FILE} in the CLI cache directory)",
     )
     parser.set_defaults(handler=cmd_demo)
 
@@ -97,6 +106,7 @@ def cmd_demo(args: argparse.Namespace, out: Output) -> int:
     )
     if described is not None:
         _image_tokens(out, bridge, cache, inputs["input_ids"][0])
+        _attention_map(out, bridge, cache, inputs, image or generated_image(), args)
     exact = _check_exact(out, bridge, source, inputs, logits, args)
     _next_steps(out, source)
     return 0 if exact else 1
@@ -262,6 +272,27 @@ def _image_tokens(
             f"{match[0]} equals {match[1]} at the image positions: the projected image "
             "features enter the residual stream there."
         )
+
+
+def _attention_map(
+    out: Output,
+    bridge: TransformerBridge,
+    cache: ActivationCache,
+    inputs: dict[str, Any],
+    image: Any,
+    args: argparse.Namespace,
+) -> None:
+    """Paint the last token's attention to the image (last block, mean over heads)."""
+    from bridge_core.cli.attention import describe, draw_attention_map
+
+    path = args.attention_map or cache_dir() / ATTENTION_FILE
+    if args.attention_map is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.parent.is_dir():
+        raise UsageError(f"--attention-map: directory {str(path.parent)!r} does not exist")
+    if f"blocks.{bridge.cfg.n_layers - 1}.attn.hook_pattern" not in cache:
+        return  # this adapter has no pattern hooks
+    out.line(describe(draw_attention_map(bridge, cache, inputs, image, path)))
 
 
 def _landing(

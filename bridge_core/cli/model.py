@@ -28,7 +28,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def model_options(
-    parser: argparse.ArgumentParser, model_required: bool = True, image_default: bool = True
+    parser: argparse.ArgumentParser,
+    model_required: bool = True,
+    image_default: bool = True,
+    image_required: bool = False,
 ) -> None:
     """Add what the model commands share: MODEL, ``--adapter``, ``--device``, ``--dtype``,
     ``--image``."""
@@ -49,12 +52,14 @@ def model_options(
         choices=("float32", "float16", "bfloat16", "auto"),
         help="weights dtype (default: HF's default)",
     )
+    default = "a generated one" if image_default else "none, a text-only run"
     parser.add_argument(
         "--image",
         metavar="PATH",
         type=Path,
-        help="image file for a multimodal model (default: "
-        + ("a generated one)" if image_default else "none, a text-only run)"),
+        required=image_required,
+        help="image file for a multimodal model"
+        + ("" if image_required else f" (default: {default})"),
     )
 
 

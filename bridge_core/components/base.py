@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
 from bridge_core import expr
 from bridge_core.hooks import HookPoint, InputTap, OutputTap
+
+if TYPE_CHECKING:
+    from bridge_core.multimodal import ImageLayout, LayoutRequest
 
 Shape = tuple[int | str, ...]
 """A shape in symbols, ``("batch", "pos", "d_model")``: see `GeneralizedComponent.dims`."""
@@ -161,6 +164,15 @@ class GeneralizedComponent(nn.Module):
         kind can say what it expected instead of failing deep inside the model. The default
         accepts everything.
         """
+
+    def image_layout(self, request: LayoutRequest) -> ImageLayout | None:
+        """Where the images of a run sit in the language model's sequence, or None.
+
+        `bridge.image_layout` and `run_with_cache` ask each top-level component and use the
+        first layout returned; a vision component overrides this (see `bridge_core.multimodal`).
+        The default knows no images.
+        """
+        return None
 
     @property
     def real_components(self) -> dict[str, nn.Module]:

@@ -23,7 +23,8 @@ from bridge_core.components import (
 from bridge_core.components.base import Shape
 from bridge_core.errors import InputError
 from bridge_core.hooks import Handle, HookPoint, Run, first_tensor, mark_tap, replace_first
-from bridge_llava import vision
+from bridge_core.multimodal import ImageLayout, LayoutRequest, VisionRoute
+from bridge_llava import layout, vision
 from bridge_llava.vision import FeatureLayer, ImageTokens, Strategy
 
 Child = GeneralizedComponent | nn.ModuleList
@@ -304,6 +305,18 @@ class CLIPVisionEncoderBridge(PartsComponent):
             return None
         return self.num_patches + (self.vision_feature_select_strategy == "full")
 
+    @property
+    def selected_hook_names(self) -> list[str]:
+        """The hook names of the hidden state(s) LLaVA feeds the projector.
+
+        Hidden state 0 is ``layers.0.hook_resid_pre``, hidden state i the output of layer
+        i - 1 (``layers.{i-1}.hook_resid_post``); with the usual ``vision_feature_layer=-2``,
+        the output of the second-to-last layer.
+        """
+        return vision.feature_hook_names(
+            f"{self.name}.layers", self.vision_feature_layer, self.num_layers
+        )
+
     # -- features --------------------------------------------------------------------------
 
     def feature_select(
@@ -459,6 +472,34 @@ class CLIPVisionEncoderBridge(PartsComponent):
         pixels = torch.randn(size, generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
         return {**inputs, "input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+    def image_layout(self, request: LayoutRequest) -> ImageLayout | None:
+        """Each image's tokens, patch grid(s) and pixel boxes (see `bridge_llava.layout`).
+
+        Raises:
+            InputError: image tokens that do not match the images.
+        """
+        token = self.image_token_id
+        if token is None:
+            return None
+        inputs = request.inputs
+        layer = inputs.get("vision_feature_layer")
+        given = inputs.get("vision_feature_select_strategy")
+        strategy = vision.check_strategy(given or self.vision_feature_select_strategy)
+        route = VisionRoute(
+            stack=f"{self.name}.layers",
+            feature_hooks=tuple(
+                vision.feature_hook_names(
+                    f"{self.name}.layers",
+                    self.vision_feature_layer if layer is None else layer,
+                    self.num_layers,
+                )
+            ),
+            projector=str(self.options.get("projector", "vision_projector")),
+            skip_tokens=1 if strategy == "default" else 0,
+        )
+        tower = layout.Tower(self.image_size, self.patch_size, token, strategy, self.anyres, route)
+        return layout.build_layout(tower, request)
 
     # -- input checks (called by the bridge before every forward) ----------------------
 

@@ -61,6 +61,20 @@ def check_feature_layer(layer: Any, num_layers: int) -> None:
             )
 
 
+def feature_hook_names(stack: str, layer: FeatureLayer, num_layers: int) -> list[str]:
+    """The hook names of hidden state(s) `layer` of a tower whose layers are `stack`.
+
+    Hidden state 0 is the first layer's input (``{stack}.0.hook_resid_pre``), hidden state i
+    the output of layer i - 1 (``{stack}.{i-1}.hook_resid_post``).
+    """
+    check_feature_layer(layer, num_layers)
+    indices = [i % (num_layers + 1) for i in layer_list(layer)]
+    return [
+        f"{stack}.0.hook_resid_pre" if i == 0 else f"{stack}.{i - 1}.hook_resid_post"
+        for i in indices
+    ]
+
+
 def check_strategy(strategy: Any) -> Strategy:
     """Check a `vision_feature_select_strategy` ("default" drops CLS, "full" keeps it)."""
     if strategy == "default":
