@@ -143,6 +143,7 @@ class _Run:
         self.baseline = self.forward()
         self.cache: ActivationCache | None = None
         self.skip = bridge.adapter.verify.skip
+        self._ranges = {k: n for c in _walk(bridge) for k, n in c.integer_ranges().items()}
 
     def forward(self, hooks: list[tuple[str, Callable[..., Any]]] | None = None) -> torch.Tensor:
         with torch.no_grad():
@@ -231,7 +232,7 @@ class _Run:
 
     def _perturb(self, x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         if not x.is_floating_point():
-            vocab = self.bridge.cfg.d_vocab or int(x.max()) + 2
+            vocab = self._ranges.get(hook.name) or self.bridge.cfg.d_vocab or int(x.max()) + 2
             return (x + 1) % vocab
         noise = torch.randn(x.shape, generator=self.generator).to(x.dtype).to(x.device)
         return x + noise * (x.float().std().nan_to_num(1.0).clamp(min=1e-2) + 1).to(x.dtype)
