@@ -11,7 +11,7 @@ from torch import nn
 
 from bridge_adapters.families import tiny_mixtral, tiny_qwen2_moe
 from bridge_core import BridgeError, TransformerBridge
-from bridge_core.components.experts import routed_tokens
+from bridge_core.components.experts import experts_active, routed_tokens
 from bridge_core.verify import example_inputs
 
 EXPERT = 2  # the expert the edits below act on
@@ -138,6 +138,14 @@ def test_forcing_the_experts_of_every_token(mixtral: Any) -> None:
     assert [cache[n].shape[0] for n in names] == [16, 16, 0, 0]  # experts 2 and 3 see no token
 
 
+def test_an_expert_index_outside_the_experts_is_an_error(mixtral: Any) -> None:
+    _, bridge, inputs = mixtral
+    with pytest.raises(BridgeError, match=r"edited to \[4\], outside the 4 experts"):
+        bridge.run_with_hooks(
+            **inputs, fwd_hooks=[("blocks.0.mlp.hook_expert_indices", lambda i, hook: i + 1)]
+        )
+
+
 def test_per_expert_points_fire_once_also_for_an_expert_without_tokens(mixtral: Any) -> None:
     _, bridge, _ = mixtral
     ids = torch.tensor([[5]])  # one token: two experts of four
@@ -148,6 +156,19 @@ def test_per_expert_points_fire_once_also_for_an_expert_without_tokens(mixtral: 
     assert all(len(cache.calls(n)) == 1 for n in cache)
 
 
+def test_verify_edits_every_expert_of_the_tiny_model_and_skips_only_empty_ones(
+    mixtral: Any,
+) -> None:
+    _, bridge, _ = mixtral
+    report = bridge.verify()  # the generated inputs reach every expert of every layer
+    causal = {r.hook: r.ok for r in report.results if r.check == "causal"}
+    assert all(causal[f"blocks.{i}.mlp.experts.{e}.hook_post"] for i in (0, 1) for e in range(4))
+    short = bridge.verify({"input_ids": torch.tensor([[5, 6]])})  # experts 2 / 1, 3 get none
+    assert short.ok, short.summary()
+    skipped = {r.hook.rsplit(".", 1)[0] for r in short.results if r.ok is None}
+    assert skipped == {"blocks.0.mlp.experts.2", "blocks.1.mlp.experts.1", "blocks.1.mlp.experts.3"}
+
+
 def test_hooks_restore_the_experts_implementation_also_when_a_hook_raises(mixtral: Any) -> None:
     model, bridge, inputs = mixtral
 
@@ -156,7 +177,7 @@ def test_hooks_restore_the_experts_implementation_also_when_a_hook_raises(mixtra
 
     with pytest.raises(RuntimeError, match="boom"):
         bridge.run_with_hooks(**inputs, fwd_hooks=[("blocks.1.mlp.experts.0.hook_pre", boom)])
-    assert model.config._experts_implementation == "grouped_mm"
+    assert model.config._experts_implementation == "grouped_mm" and not experts_active()
     assert torch.equal(bridge(**inputs), _logits(model, inputs))
 
 

@@ -84,6 +84,11 @@ class _RouterDetach:
 
 
 def _on_router(route: _RouterRoute, router: nn.Module, output: Any) -> Any:
+    if not (isinstance(output, tuple) and all(isinstance(t, torch.Tensor) for t in output[:3])):
+        raise BridgeError(
+            f"{type(router).__name__} returned {type(output).__name__}, not the tuple "
+            "(router_logits, top_k_weights, top_k_index) the moe kind taps"
+        )
     logits, weights, indices = output[:3]
     new = {"logits": logits, "weights": weights, "indices": indices}
     if "logits" in route.runs:
@@ -97,9 +102,20 @@ def _on_router(route: _RouterRoute, router: nn.Module, output: Any) -> Any:
     for which in _ORDER[1:]:
         if which in route.runs:
             new[which] = route.runs[which](new[which])
+    if "indices" in route.runs:
+        _check_indices(router, new["indices"], logits.shape[-1])
     if all(new[w] is old for w, old in zip(_ORDER, output[:3], strict=True)):
         return None
     return (*(new[w] for w in _ORDER), *output[3:])
+
+
+def _check_indices(router: nn.Module, indices: torch.Tensor, n_experts: int) -> None:
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_experts):
+        raise BridgeError(
+            f"the expert indices of {type(router).__name__} were edited to "
+            f"{sorted(set(indices.flatten().tolist()) - set(range(n_experts)))[:5]}, outside "
+            f"the {n_experts} experts (0 to {n_experts - 1})"
+        )
 
 
 def _rerouted(
