@@ -156,13 +156,8 @@ def test_per_expert_points_fire_once_also_for_an_expert_without_tokens(mixtral: 
     assert all(len(cache.calls(n)) == 1 for n in cache)
 
 
-def test_verify_edits_every_expert_of_the_tiny_model_and_skips_only_empty_ones(
-    mixtral: Any,
-) -> None:
+def test_verify_skips_the_edits_of_experts_without_tokens(mixtral: Any) -> None:
     _, bridge, _ = mixtral
-    report = bridge.verify()  # the generated inputs reach every expert of every layer
-    causal = {r.hook: r.ok for r in report.results if r.check == "causal"}
-    assert all(causal[f"blocks.{i}.mlp.experts.{e}.hook_post"] for i in (0, 1) for e in range(4))
     short = bridge.verify({"input_ids": torch.tensor([[5, 6]])})  # experts 2 / 1, 3 get none
     assert short.ok, short.summary()
     skipped = {r.hook.rsplit(".", 1)[0] for r in short.results if r.ok is None}
