@@ -214,6 +214,32 @@ def test_gradients_reach_per_expert_activations_and_outputs_stay_exact(mixtral: 
     assert torch.allclose(grad_post, grad_out @ down, atol=1e-7)  # the chain rule through W_out
 
 
+def test_a_backward_hook_on_router_logits_gets_hf_s_gradient(mixtral: Any) -> None:
+    model, bridge, inputs = mixtral
+    loss, cache = bridge.run_with_cache(
+        **inputs, return_type="loss", incl_bwd=True, names_filter="blocks.1.mlp.hook_router_logits"
+    )
+    bridge.zero_grad()
+    seen: list[torch.Tensor] = []
+
+    def keep_grad(module: nn.Module, args: Any, output: Any) -> None:
+        output[0].retain_grad()
+        seen.append(output[0])
+
+    handle = model.model.layers[1].mlp.gate.register_forward_hook(keep_grad)
+    try:
+        expected = model(**inputs, labels=inputs["input_ids"]).loss
+        expected.backward()
+    finally:
+        handle.remove()
+        model.zero_grad()
+    assert torch.equal(loss.detach(), expected.detach())
+    hf_grad = seen[0].grad
+    assert hf_grad is not None and hf_grad.abs().sum() > 0
+    grad = cache["blocks.1.mlp.hook_router_logits_grad"]
+    assert torch.allclose(grad, hf_grad.view_as(grad), atol=1e-8)
+
+
 def test_qwen2_moe_output_is_routed_experts_plus_gated_shared_expert() -> None:
     model, tokenizer = tiny_qwen2_moe()
     bridge = TransformerBridge.wrap(model, tokenizer=tokenizer)

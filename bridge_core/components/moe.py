@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from bridge_core.attention import exact_with_grad
 from bridge_core.components.base import GeneralizedComponent, Shape
 from bridge_core.components.experts import ExpertTap, Which, expert_weights
 from bridge_core.errors import BridgeError
@@ -95,7 +96,8 @@ def _on_router(route: _RouterRoute, router: nn.Module, output: Any) -> Any:
         before = logits.detach().clone()
         new["logits"] = route.runs["logits"](logits)
         changed = (new["logits"] != before).any(dim=-1)
-        if changed.any():
+        carries_grad = new["logits"] is not logits and new["logits"].requires_grad
+        if changed.any() or (carries_grad and torch.is_grad_enabled()):  # edited, or bwd hooks
             new["weights"], new["indices"] = _rerouted(
                 router, before, new["logits"], changed, weights, indices
             )
@@ -126,7 +128,11 @@ def _rerouted(
     weights: torch.Tensor,
     indices: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights and indices of the tokens whose logits `changed`, recomputed from `after`."""
+    """Weights and indices of the tokens whose logits `changed`, recomputed from `after`.
+
+    The other tokens keep the router's values; the weights' gradient goes through `after`
+    (for backward hooks on the logits), whose unchanged rows give the router's values exactly.
+    """
     check_weights, check_indices = top_k_routing(router, before, weights.dtype)
     if not (torch.equal(check_weights, weights) and torch.equal(check_indices, indices)):
         raise BridgeError(
@@ -137,7 +143,10 @@ def _rerouted(
         )
     new_weights, new_indices = top_k_routing(router, after, weights.dtype)
     keep = changed[:, None]
-    return torch.where(keep, new_weights, weights), torch.where(keep, new_indices, indices)
+    values = torch.where(keep, new_weights, weights)
+    if new_weights.requires_grad:
+        values = exact_with_grad(values, new_weights)
+    return values, torch.where(keep, new_indices, indices)
 
 
 def top_k_routing(
