@@ -36,6 +36,10 @@ class TransformerBridgeConfig(BaseModel):
     )
     rotary_base: PositiveFloat | None = None
     tie_word_embeddings: bool | None = None
+    num_experts: PositiveInt | None = None
+    """Experts per sparse MoE layer (TransformerLens's name)."""
+    experts_per_token: PositiveInt | None = None
+    """Experts each token is routed to, the router's top-k (TransformerLens's name)."""
     block_layout: Literal["pre_norm", "parallel", "post_norm"] = "pre_norm"
     """How a block adds to the residual stream (`verify` checks it): ``pre_norm``
     (``resid_mid = resid_pre + attn_out``, ``resid_post = resid_mid + mlp_out``), ``parallel``

@@ -142,7 +142,9 @@ class _Run:
         self.generator = torch.Generator().manual_seed(1)
         self.baseline = self.forward()
         self.cache: ActivationCache | None = None
+        self.empty: set[str] = set()  # points that fired with empty tensors only
         self.skip = bridge.adapter.verify.skip
+        self._ranges = {k: n for c in _walk(bridge) for k, n in c.integer_ranges().items()}
 
     def forward(self, hooks: list[tuple[str, Callable[..., Any]]] | None = None) -> torch.Tensor:
         with torch.no_grad():
@@ -164,6 +166,7 @@ class _Run:
             shapes = {n: [] for n in self.points}
             self.forward([(n, record) for n in self.points])
         counts = self._counts()
+        self.empty = {n for n, seen in shapes.items() if seen and all(0 in s for s in seen)}
         for name, point in self.points.items():
             seen = shapes[name]
             yield _fires(name, point, len(seen), counts)
@@ -202,6 +205,9 @@ class _Run:
     def causal(self) -> Iterator[Result]:
         unreachable = self._unreachable()
         for name in self.points:
+            if name in self.empty:  # an expert no token was routed to: no value to edit
+                yield Result("causal", name, None, "fired only with empty tensors on these inputs")
+                continue
             dead = name in unreachable
             try:
                 edited = self.forward([(name, self._perturb)])
@@ -231,7 +237,7 @@ class _Run:
 
     def _perturb(self, x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         if not x.is_floating_point():
-            vocab = self.bridge.cfg.d_vocab or int(x.max()) + 2
+            vocab = self._ranges.get(hook.name) or self.bridge.cfg.d_vocab or int(x.max()) + 2
             return (x + 1) % vocab
         noise = torch.randn(x.shape, generator=self.generator).to(x.dtype).to(x.device)
         return x + noise * (x.float().std().nan_to_num(1.0).clamp(min=1e-2) + 1).to(x.dtype)

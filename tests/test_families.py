@@ -55,4 +55,7 @@ def test_every_hook_point_verifies(family: tuple[Any, TransformerBridge]) -> Non
     report = bridge.verify()
     assert report.ok, report.summary()
     checks = {r.check for r in report.results if r.ok}
-    assert {"fires", "shape", "observe", "identity", "causal", "heads", "pattern"} <= checks
+    expected = {"fires", "shape", "observe", "identity", "causal", "heads", "pattern"}
+    assert expected - set(bridge.adapter.verify.skip) <= checks  # OLMoE skips heads, says why
+    empty = [r.hook for r in report.results if r.check == "causal" and r.ok is None]
+    assert not empty, f"no value to edit on verify's inputs (an expert without tokens?): {empty}"

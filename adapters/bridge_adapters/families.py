@@ -17,12 +17,20 @@ from transformers import (
     BertForMaskedLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 from bridge_adapters import tiny
@@ -104,6 +112,73 @@ def tiny_phi3() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     )
 
 
+# -- mixture of experts: 4 experts, 2 per token, width 32. On verify's generated inputs
+# (`bridge_core.verify.example_inputs`: 2 x 8 tokens) every expert of every layer gets tokens,
+# so verify edits every per-expert hook point (tests/test_families.py checks that none fired
+# with an empty tensor only, which verify would report as a skipped check).
+
+MOE: Final = {
+    "hidden_size": 32,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 128,
+}
+
+
+def tiny_mixtral() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Mixtral: grouped-query attention, 4 experts of width 48, top-2 renormalised."""
+    return _text(
+        MixtralConfig,
+        MixtralForCausalLM,
+        **MOE,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        num_local_experts=4,
+    )
+
+
+def tiny_qwen2_moe() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Qwen2-MoE: q/k/v biases, 4 experts of width 48 (not renormalised), a shared expert."""
+    return _text(
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        **MOE,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        moe_intermediate_size=48,
+        shared_expert_intermediate_size=64,
+        num_experts=4,
+    )
+
+
+def tiny_qwen3_moe() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Qwen3-MoE: per-head q/k norms, 4 experts of width 48, top-2 renormalised."""
+    return _text(
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+        **MOE,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        moe_intermediate_size=48,
+        num_experts=4,
+        norm_topk_prob=True,
+    )
+
+
+def tiny_olmoe() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """OLMoE: q/k norms over all heads, 4 experts of width 48 (not renormalised)."""
+    return _text(
+        OlmoeConfig,
+        OlmoeForCausalLM,
+        **MOE,
+        num_key_value_heads=HEADS,
+        intermediate_size=48,
+        num_experts=4,
+    )
+
+
 FAMILIES: Final[dict[str, Builder]] = {
     "gpt2": tiny.tiny_gpt2,
     "llama": tiny.tiny_llama,
@@ -113,5 +188,9 @@ FAMILIES: Final[dict[str, Builder]] = {
     "opt": tiny_opt,
     "bert": tiny_bert,
     "phi3": tiny_phi3,
+    "mixtral": tiny_mixtral,
+    "qwen2_moe": tiny_qwen2_moe,
+    "qwen3_moe": tiny_qwen3_moe,
+    "olmoe": tiny_olmoe,
 }
 """Builder of a tiny model per family, by name (the adapter's, or the architecture's)."""

@@ -139,6 +139,14 @@ class GeneralizedComponent(nn.Module):
         """
         return []
 
+    def integer_ranges(self) -> dict[str, int]:
+        """Full names of this component's integer hook points and how many values they take.
+
+        `verify`'s random edit of such a point stays in range (``(x + 1) % n``): expert indices
+        of a MoE router take ``n_experts`` values. Token ids (``d_vocab``) need no entry.
+        """
+        return {}
+
     def call_counts(self, inputs: Mapping[str, Any]) -> dict[str, int]:
         """Counts that hook points' ``calls`` expressions may name (``{"n_images": 2}``)."""
         return {}

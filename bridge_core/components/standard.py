@@ -8,6 +8,7 @@ from torch import nn
 
 from bridge_core.attention import PatternTap, ResultTap
 from bridge_core.components.base import GeneralizedComponent, Shape
+from bridge_core.components.moe import MoEBridge
 from bridge_core.hooks import HookPoint, InputTap, OutputTap, Tap
 from bridge_core.views import Reshape, Split, ViewTap
 
@@ -300,4 +301,5 @@ BUILTIN_KINDS: dict[str, type[GeneralizedComponent]] = {
     "attention": AttentionBridge,
     "joint_qkv_attention": JointQKVAttentionBridge,
     "mlp": MLPBridge,
+    "moe": MoEBridge,
 }
