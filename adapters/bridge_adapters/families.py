@@ -15,6 +15,8 @@ from typing import Any, Final
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    FalconConfig,
+    FalconForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     OPTConfig,
@@ -104,6 +106,38 @@ def tiny_phi3() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     )
 
 
+# -- dense decoder-only families (issue 10) ----------------------------------------------------
+
+
+def tiny_falcon() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Falcon as falcon-7b: parallel attention and MLP, multi-query, one LayerNorm, rotary."""
+    return _text(
+        FalconConfig,
+        FalconForCausalLM,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        multi_query=True,
+        parallel_attn=True,
+        new_decoder_architecture=False,
+        max_position_embeddings=128,
+    )
+
+
+def tiny_falcon_40b() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Falcon as falcon-40b: new decoder architecture, ln_attn / ln_mlp, 2 kv groups."""
+    return _text(
+        FalconConfig,
+        FalconForCausalLM,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        max_position_embeddings=128,
+    )
+
+
 FAMILIES: Final[dict[str, Builder]] = {
     "gpt2": tiny.tiny_gpt2,
     "llama": tiny.tiny_llama,
@@ -113,5 +147,8 @@ FAMILIES: Final[dict[str, Builder]] = {
     "opt": tiny_opt,
     "bert": tiny_bert,
     "phi3": tiny_phi3,
+    # dense decoder-only families (issue 10)
+    "falcon": tiny_falcon,
+    "falcon_40b": tiny_falcon_40b,
 }
 """Builder of a tiny model per family, by name (the adapter's, or the architecture's)."""
