@@ -17,12 +17,18 @@ from transformers import (
     BertForMaskedLM,
     FalconConfig,
     FalconForCausalLM,
+    GPTBigCodeConfig,
+    GPTBigCodeForCausalLM,
+    GPTJConfig,
+    GPTJForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
@@ -138,6 +144,45 @@ def tiny_falcon_40b() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     )
 
 
+def tiny_gptj() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """GPT-J: parallel attention and MLP, rotary on a quarter of each head (rotate_every_two)."""
+    return _text(
+        GPTJConfig,
+        GPTJForCausalLM,
+        n_embd=WIDTH,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        rotary_dim=4,
+        n_positions=128,
+    )
+
+
+def tiny_phi() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Phi as phi-2: parallel attention and MLP, half of each head rotary, biases everywhere."""
+    return _text(
+        PhiConfig,
+        PhiForCausalLM,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=4 * WIDTH,
+        max_position_embeddings=128,
+    )
+
+
+def tiny_gpt_bigcode() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """GPT-BigCode as StarCoder: multi-query attention, learned positions."""
+    return _text(
+        GPTBigCodeConfig,
+        GPTBigCodeForCausalLM,
+        n_embd=WIDTH,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        multi_query=True,
+        n_positions=128,
+    )
+
+
 FAMILIES: Final[dict[str, Builder]] = {
     "gpt2": tiny.tiny_gpt2,
     "llama": tiny.tiny_llama,
@@ -150,5 +195,8 @@ FAMILIES: Final[dict[str, Builder]] = {
     # dense decoder-only families (issue 10)
     "falcon": tiny_falcon,
     "falcon_40b": tiny_falcon_40b,
+    "gptj": tiny_gptj,
+    "phi": tiny_phi,
+    "gpt_bigcode": tiny_gpt_bigcode,
 }
 """Builder of a tiny model per family, by name (the adapter's, or the architecture's)."""
