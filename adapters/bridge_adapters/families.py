@@ -17,6 +17,12 @@ from transformers import (
     BertForMaskedLM,
     FalconConfig,
     FalconForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPTBigCodeConfig,
     GPTBigCodeForCausalLM,
     GPTJConfig,
@@ -183,6 +189,51 @@ def tiny_gpt_bigcode() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     )
 
 
+def _gemma(
+    config_cls: Callable[..., Any], model_cls: Callable[[Any], PreTrainedModel], **config: Any
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    return _text(
+        config_cls,
+        model_cls,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=2 * WIDTH,
+        max_position_embeddings=128,
+        **config,
+    )
+
+
+def tiny_gemma() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Gemma: embeddings scaled by sqrt(d_model), GeGLU, grouped-query attention."""
+    return _gemma(GemmaConfig, GemmaForCausalLM)
+
+
+def tiny_gemma2() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Gemma-2: pre- and post-norms, soft-capping, a 4-position window on layer 0."""
+    return _gemma(
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        sliding_window=4,
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+    )
+
+
+def tiny_gemma3() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Gemma-3 (text): q/k norms, a local (4-position window) and a global layer."""
+    return _gemma(
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        sliding_window=4,
+        query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+
+
 FAMILIES: Final[dict[str, Builder]] = {
     "gpt2": tiny.tiny_gpt2,
     "llama": tiny.tiny_llama,
@@ -198,5 +249,8 @@ FAMILIES: Final[dict[str, Builder]] = {
     "gptj": tiny_gptj,
     "phi": tiny_phi,
     "gpt_bigcode": tiny_gpt_bigcode,
+    "gemma": tiny_gemma,
+    "gemma2": tiny_gemma2,
+    "gemma3_text": tiny_gemma3,
 }
 """Builder of a tiny model per family, by name (the adapter's, or the architecture's)."""
