@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM, PhiConfig, PhiForCausalLM
+from transformers import (
+    GPTBigCodeConfig,
+    GPTBigCodeForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
+    StableLmConfig,
+    StableLmForCausalLM,
+)
 
 from bridge_adapters.families import FAMILIES, _text
 from bridge_core import TransformerBridge
@@ -85,6 +92,25 @@ def test_gemma3_q_norm_is_what_rotary_receives_before_rotation() -> None:
     torch.testing.assert_close(cache["rot_q", 0][:, 0], expected[:, 0])  # position 0: angle 0
 
 
+def test_olmo2_post_norms_carry_what_is_added_to_the_residual_stream() -> None:
+    model, bridge = _bridge("olmo2")
+    names = bridge.hook_names()
+    assert "blocks.0.ln1.hook_in" not in names  # no norm reads resid_pre: apply_ln says so
+    cache = _cache(bridge, model)
+    layer = model.model.layers[0]
+    assert torch.equal(cache["resid_pre", 0], cache["blocks.0.attn.hook_in"])
+    assert torch.equal(cache["resid_mid", 0], cache["blocks.0.mlp.hook_in"])
+    assert torch.equal(
+        cache["attn_out", 0], layer.post_attention_layernorm(cache["blocks.0.attn.hook_out"])
+    )
+    torch.testing.assert_close(cache["resid_mid", 0], cache["resid_pre", 0] + cache["attn_out", 0])
+    torch.testing.assert_close(cache["resid_post", 0], cache["resid_mid", 0] + cache["mlp_out", 0])
+    q = layer.self_attn.q_norm(layer.self_attn.q_proj(cache["resid_pre", 0]))
+    assert torch.equal(cache["blocks.0.attn.q_norm.hook_out"], q)  # over all heads at once
+    with pytest.raises(KeyError, match=r"blocks.0.ln1.hook_in"):
+        cache.apply_ln_to_stack(cache["resid_pre", 0][None], layer=0)
+
+
 @pytest.mark.parametrize(
     "variant",
     [
@@ -92,8 +118,10 @@ def test_gemma3_q_norm_is_what_rotary_receives_before_rotation() -> None:
         (PhiConfig, PhiForCausalLM, {"qk_layernorm": True, "num_attention_heads": 2}),
         # GPT-BigCode without multi-query: c_attn is [q_h | k_h | v_h] head after head
         (GPTBigCodeConfig, GPTBigCodeForCausalLM, {"multi_query": False, "n_head": 2}),
+        # StableLM-2 1.6B: sequential blocks with ln2, no q/k norms
+        (StableLmConfig, StableLmForCausalLM, {"num_attention_heads": 2, "num_key_value_heads": 2}),
     ],
-    ids=["phi-qk-layernorm", "bigcode-multi-head"],
+    ids=["phi-qk-layernorm", "bigcode-multi-head", "stablelm-sequential"],
 )
 def test_one_spec_fits_the_family_variants(variant: tuple[Any, Any, dict[str, Any]]) -> None:
     config_cls, model_cls, settings = variant

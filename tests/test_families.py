@@ -55,4 +55,13 @@ def test_every_hook_point_verifies(family: tuple[Any, TransformerBridge]) -> Non
     report = bridge.verify()
     assert report.ok, report.summary()
     checks = {r.check for r in report.results if r.ok}
-    assert {"fires", "shape", "observe", "identity", "causal", "heads", "pattern"} <= checks
+    skipped = set(bridge.adapter.verify.skip)  # each with its reason, in the spec
+    assert {
+        "fires",
+        "shape",
+        "observe",
+        "identity",
+        "causal",
+        "heads",
+        "pattern",
+    } - skipped <= checks

@@ -29,6 +29,8 @@ from transformers import (
     GPTJForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Phi3Config,
@@ -37,6 +39,10 @@ from transformers import (
     PhiForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    StableLmConfig,
+    StableLmForCausalLM,
 )
 
 from bridge_adapters import tiny
@@ -234,6 +240,50 @@ def tiny_gemma3() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     )
 
 
+def tiny_qwen3() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Qwen3: per-head q/k RMSNorms, grouped-query attention."""
+    return _text(
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=2 * WIDTH,
+        max_position_embeddings=128,
+    )
+
+
+def tiny_olmo2() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """OLMo-2: norms after attention and MLP only, q/k norms over all heads."""
+    return _text(
+        Olmo2Config,
+        Olmo2ForCausalLM,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=2 * WIDTH,
+        max_position_embeddings=128,
+    )
+
+
+def tiny_stablelm() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """StableLM-2 as the 12B: parallel residual, per-head q/k LayerNorms, a quarter rotary."""
+    return _text(
+        StableLmConfig,
+        StableLmForCausalLM,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        intermediate_size=2 * WIDTH,
+        max_position_embeddings=128,
+        use_parallel_residual=True,
+        qk_layernorm=True,
+    )
+
+
 FAMILIES: Final[dict[str, Builder]] = {
     "gpt2": tiny.tiny_gpt2,
     "llama": tiny.tiny_llama,
@@ -252,5 +302,8 @@ FAMILIES: Final[dict[str, Builder]] = {
     "gemma": tiny_gemma,
     "gemma2": tiny_gemma2,
     "gemma3_text": tiny_gemma3,
+    "qwen3": tiny_qwen3,
+    "olmo2": tiny_olmo2,
+    "stablelm": tiny_stablelm,
 }
 """Builder of a tiny model per family, by name (the adapter's, or the architecture's)."""
