@@ -46,7 +46,6 @@ class _Kernel:
     handles: tuple[Handle, ...] = ()
     fused: torch.Tensor | None = None
     call: dict[str, Any] = field(default_factory=dict)
-    past: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add(self, which: str, run: Run) -> Handle:
         if which in _KINDS:
@@ -84,7 +83,6 @@ class _Kernel:
     def _before(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         self.fused = None
         self.call = kwargs
-        self.past = _past_keys(module, kwargs.get("layer_past"))
 
     def _record(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
         self.fused = output
@@ -93,7 +91,10 @@ class _Kernel:
 
     def _at_z(self, dense: nn.Module, args: tuple[Any, ...]) -> Any:
         z = args[0]
-        new = self._attend(z) if any(k in self.runs for k in _KINDS) else z
+        try:
+            new = self._attend(z) if any(k in self.runs for k in _KINDS) else z
+        finally:
+            self.fused, self.call = None, {}  # hold no activations between forwards
         if "z" in self.runs:
             new = self.runs["z"](new)
         return None if new is z else (new, *args[1:])
@@ -132,8 +133,9 @@ class _Kernel:
                 "Falcon's ALiBi attention outside sdpa adds the bias in a way its pattern hooks "
                 "do not reproduce; run the model with attn_implementation='sdpa'"
             )
-        if self.past is not None:
-            k, v = torch.cat([self.past[0], k], dim=-2), torch.cat([self.past[1], v], dim=-2)
+        past = _past_keys(self.module, self.call.get("layer_past"), pos)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
         return q, k, v
 
 
@@ -165,10 +167,10 @@ def _modeling(module: nn.Module) -> Any:
     return sys.modules[type(module).__module__]
 
 
-def _past_keys(module: nn.Module, cache: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The keys and values of earlier positions in the module's cache, as key/value heads."""
+def _past_keys(module: nn.Module, cache: Any, pos: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Keys and values of the positions before these `pos` in the module's (updated) cache."""
     index: int = getattr(module, "layer_idx", 0)
-    if cache is None or not cache.get_seq_length(index):
+    if cache is None or cache.get_seq_length(index) <= pos:
         return None
     layers = getattr(cache, "layers", None)
     layer = layers[index] if isinstance(layers, list) else None
@@ -177,6 +179,7 @@ def _past_keys(module: nn.Module, cache: Any) -> tuple[torch.Tensor, torch.Tenso
         raise BridgeError(
             f"Falcon's pattern hooks cannot read earlier keys from a {type(cache).__name__}"
         )
+    keys, values = keys[..., : keys.shape[-2] - pos, :], values[..., : values.shape[-2] - pos, :]
     grouped = getattr(module, "new_decoder_architecture", False)
     groups: int = getattr(module, "num_kv_heads", 1) if grouped else keys.shape[1]
     step = keys.shape[1] // groups  # Falcon-40B caches each group's key once per query head
