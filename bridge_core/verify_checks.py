@@ -124,6 +124,9 @@ def recomputed_patterns(
         pattern_point = _point(attn, "hook_pattern")
         if not pattern_point.enabled or pattern_point._tap is None:
             continue
+        if "pattern" in attn.skipped_checks():
+            yield _result("pattern", pattern_point.name, None, attn.skipped_checks()["pattern"])
+            continue
         rotated = _point(attn, "hook_rot_q")._tap is not None
         q_name = _point(attn, "hook_rot_q" if rotated else "hook_q").name
         k_name = _point(attn, "hook_rot_k" if rotated else "hook_k").name

@@ -151,6 +151,10 @@ def test_alibi_falcon_patterns_under_sdpa_and_a_refusal_in_eager() -> None:
     assert torch.equal(logits, model(**inputs).logits)
     z = cache["pattern", 0] @ cache["v", 0].transpose(1, 2)  # [batch, head, pos, d_head]
     torch.testing.assert_close(z.transpose(1, 2), cache["z", 0])
+    report = bridge.verify()
+    assert report.ok, report.summary()
+    skipped = [r for r in report.results if r.check == "pattern" and r.ok is None]
+    assert len(skipped) == 2 and "ALiBi" in skipped[0].detail
     model.config._attn_implementation = "eager"
     try:
         with pytest.raises(BridgeError, match="ALiBi attention outside sdpa"):

@@ -230,6 +230,12 @@ class FalconAttentionBridge(JointQKVAttentionBridge):
             )
         self.hook_z.bind(ViewTap(KernelTap(kernel, "z"), (Reshape((-1, d_head)),)))
 
+    def skipped_checks(self) -> dict[str, str]:
+        """ALiBi checkpoints (Falcon-RW): `verify` recomputes patterns without the bias."""
+        if getattr(self.config, "positional_embedding_type", None) != "alibi":
+            return {}
+        return {"pattern": "Falcon-RW adds an ALiBi bias to the scores, which verify does not"}
+
     def dims(self) -> dict[str, int | None]:
         """Falcon's config says ``num_kv_heads``: the key/value heads come from the bridge's."""
         values = super().dims()
