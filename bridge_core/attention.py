@@ -46,7 +46,7 @@ _DISPATCH = "ALL_ATTENTION_FUNCTIONS"
 
 
 @dataclass
-class _Route:
+class Route:
     """The hook runs of one hooked attention module, and whether the router saw its call.
 
     Each attached point adds its run (two bridges over one model each add theirs; a point's
@@ -65,7 +65,7 @@ class _Route:
 
 
 # attention module -> its route
-_ROUTES: weakref.WeakKeyDictionary[nn.Module, _Route] = weakref.WeakKeyDictionary()
+_ROUTES: weakref.WeakKeyDictionary[nn.Module, Route] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -99,7 +99,7 @@ class PatternTap:
             _switch_on(self.module)
             route = _ROUTES.get(self.module)
             if route is None:
-                route = _ROUTES[self.module] = _Route()
+                route = _ROUTES[self.module] = Route()
                 route.checks = _watch(self.module, route)
             route.runs.setdefault(self.which, []).append(run)
         return _Detach(self.module, self.which, run)
@@ -146,7 +146,7 @@ def check_dispatch(module: nn.Module) -> None:
         )
 
 
-def _watch(module: nn.Module, route: _Route) -> tuple[Handle, ...]:
+def _watch(module: nn.Module, route: Route) -> tuple[Handle, ...]:
     """Hooks that check each forward of `module` reached the router while it is hooked."""
 
     def before(mod: nn.Module, args: Any) -> None:
@@ -287,7 +287,7 @@ def exact_with_grad(exact: torch.Tensor, differentiable: torch.Tensor) -> torch.
     return exact.detach() + (differentiable - differentiable.detach())
 
 
-def _through_heads(route: _Route, which: str, states: torch.Tensor) -> torch.Tensor:
+def _through_heads(route: Route, which: str, states: torch.Tensor) -> torch.Tensor:
     """Run hooks on a kernel input ``[batch, head, pos, d]``, shown as ``[batch, pos, head, d]``."""
     shown = states.transpose(1, 2)
     new = route.through(which, shown)
@@ -299,7 +299,7 @@ def hooked_pattern(
     query: torch.Tensor,
     key: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    route: _Route,
+    route: Route,
     scaling: float | None = None,
     softcap: float | None = None,
     is_causal: bool | None = None,
@@ -331,7 +331,7 @@ def hooked_pattern(
     return pattern, edited, replaced
 
 
-def _through(route: _Route, which: str, tensor: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
+def _through(route: Route, which: str, tensor: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
     """Run the hooks on `tensor`: (the result, whether they changed it, whether it is another).
 
     Changed means in place, or returned an unequal tensor; a returned tensor equal to the

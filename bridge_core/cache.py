@@ -372,15 +372,24 @@ class _Stack:
         return f"{self.path}.{layer}.{hook}"
 
     def norms(self, layer: int) -> list[str]:
-        """The normalization components of a layer, in forward order (ln1, ln2)."""
+        """The normalization components that read a layer's residual stream, in order.
+
+        ``ln1`` and ``ln2`` where the layer has them (TransformerLens's names); else its
+        norms in forward order (a vision tower's ``layer_norm1``, ``layer_norm2``). Norms of
+        a sublayer's output (``ln1_post``, ``ln2_post``) never read the stream.
+        """
         prefix, aliases = f"{self.path}.{layer}.", self.cache.model._names.aliases
-        return [
+        found = [
             alias.removesuffix(".hook_normalized")
             for alias in aliases
             if alias.startswith(prefix)
             and alias.endswith(".hook_normalized")
             and alias[len(prefix) :].count(".") == 1
         ]
+        conventional = [f"{prefix}ln1", f"{prefix}ln2"]
+        if any(name in found for name in conventional):
+            return [name for name in conventional if name in found]
+        return [name for name in found if not name.endswith("_post")]
 
     def resid_mid(self, layer: int) -> str:
         """The stream between attention and MLP: ``hook_resid_mid``, or the second norm's input."""
@@ -400,7 +409,11 @@ class _Stack:
             )
         norms = self.norms(layer)
         if len(norms) < 1 + int(mlp_input):
-            raise InputError(f"layer {layer} of {self.path!r} has the norms {norms}")
+            wanted = f"{self.path}.{layer}.ln{1 + int(mlp_input)}.hook_in"
+            raise HookNameError(
+                f"no norm reads the residual stream of layer {layer} of {self.path!r} (looked "
+                f"for {wanted!r}; its norms: {norms or 'none'}), so there is no scale to apply"
+            )
         return norms[int(mlp_input)]
 
     def norm_kind(self, norm: str) -> tuple[str, float]:

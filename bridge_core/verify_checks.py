@@ -115,10 +115,17 @@ def _point(component: GeneralizedComponent, attr: str) -> HookPoint:
 def recomputed_patterns(
     run: RunLike, cache: ActivationCache, attentions: list[GeneralizedComponent]
 ) -> Iterator[Result]:
-    """softmax(q kᵀ * scale + mask) from the q and k the kernel saw equals ``hook_pattern``."""
+    """softmax(q kᵀ * scale + mask) from the q and k the kernel saw equals ``hook_pattern``.
+
+    The mask is causal, within the module's ``sliding_window`` where it has one, with the
+    inputs' padding; scores are soft-capped where the config says ``attn_logit_softcapping``.
+    """
     for attn in attentions:
         pattern_point = _point(attn, "hook_pattern")
         if not pattern_point.enabled or pattern_point._tap is None:
+            continue
+        if "pattern" in attn.skipped_checks():
+            yield _result("pattern", pattern_point.name, None, attn.skipped_checks()["pattern"])
             continue
         rotated = _point(attn, "hook_rot_q")._tap is not None
         q_name = _point(attn, "hook_rot_q" if rotated else "hook_q").name
@@ -161,6 +168,11 @@ def _pattern_from(
     mask = additive_mask(kernel, None, scores, None)
     if mask is not None:
         scores = scores + mask
+    window = getattr(kernel, "sliding_window", None)  # Mistral, Gemma-2/3 local layers
+    if isinstance(window, int) and not isinstance(window, bool):
+        q_pos = torch.arange(scores.shape[-2]) + scores.shape[-1] - scores.shape[-2]
+        too_far = q_pos[:, None] - torch.arange(scores.shape[-1])[None, :] >= window
+        scores = scores.masked_fill(too_far.to(scores.device), torch.finfo(scores.dtype).min)
     padding = inputs.get("attention_mask")
     if isinstance(padding, torch.Tensor) and padding.shape[-1] == scores.shape[-1]:
         keep = padding.bool()[:, None, None, :]

@@ -49,7 +49,7 @@ FALCON = {
 
 @pytest.fixture(scope="module")
 def falcon() -> tuple[FalconForCausalLM, TransformerBridge]:
-    """A tiny Falcon-7B layout (parallel attention, multi-query) with a minimal spec."""
+    """A tiny Falcon-7B layout (parallel attention, multi-query) with the built-in adapter."""
     config = FalconConfig(
         vocab_size=100,
         hidden_size=32,
@@ -60,13 +60,16 @@ def falcon() -> tuple[FalconForCausalLM, TransformerBridge]:
         multi_query=True,
     )
     model = tiny.init_model(FalconForCausalLM, config, seed=0)
-    return model, TransformerBridge.wrap(model, adapter=AdapterSpec.model_validate(FALCON))
+    bridge = TransformerBridge.wrap(model)
+    assert bridge.adapter.name == "falcon"
+    return model, bridge
 
 
 def test_pattern_hooks_refuse_an_attention_that_bypasses_the_interface(
     falcon: tuple[FalconForCausalLM, TransformerBridge],
 ) -> None:
-    model, bridge = falcon
+    model, _ = falcon  # the built-in adapter has a kernel for it; the core's kind has none
+    bridge = TransformerBridge.wrap(model, adapter=AdapterSpec.model_validate(FALCON))
     kernel = model.config._attn_implementation
     for name in ("blocks.0.attn.hook_pattern", "blocks.1.attn.hook_attn_scores"):
         with pytest.raises(BridgeError, match=r"FalconAttention .* does not choose its kernel"):

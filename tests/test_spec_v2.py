@@ -39,6 +39,23 @@ def test_size_expressions_fit_grouped_query_widths() -> None:
     )
 
 
+def test_the_grouped_layout_is_per_head_with_a_group_per_head() -> None:
+    model, _ = tiny_gpt_neox()
+    ids = torch.randint(3, 500, (2, 6))
+    data = get_registry().adapter("gpt_neox").model_dump()
+    data["components"]["blocks"]["submodules"]["attn"]["options"]["layout"] = "grouped"
+    grouped = TransformerBridge.wrap(model, adapter=AdapterSpec.model_validate(data))
+    with torch.no_grad():
+        _, expected = TransformerBridge.wrap(model).run_with_cache(ids)  # layout = "per_head"
+        _, cache = grouped.run_with_cache(ids)
+    for name in ("q", "k", "v", "z"):
+        assert torch.equal(cache[name, 1], expected[name, 1])
+    data["config"]["fixed"]["n_key_value_heads"] = 2  # not the model's layout: refused
+    data["config"]["fixed"]["d_head"] = 48
+    with pytest.raises(SpecError, match="fused width 192 is not 2 groups"):
+        TransformerBridge.wrap(model, adapter=AdapterSpec.model_validate(data))
+
+
 def test_a_bad_expression_is_a_spec_error_naming_the_key() -> None:
     data = get_registry().adapter("phi3").model_dump()
     attn = data["components"]["blocks"]["submodules"]["attn"]

@@ -15,22 +15,42 @@ from typing import Any, Final
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    FalconConfig,
+    FalconForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GPTBigCodeConfig,
+    GPTBigCodeForCausalLM,
+    GPTJConfig,
+    GPTJForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     OlmoeConfig,
     OlmoeForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    StableLmConfig,
+    StableLmForCausalLM,
 )
 
 from bridge_adapters import tiny
@@ -179,6 +199,166 @@ def tiny_olmoe() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     )
 
 
+# -- dense decoder-only families (issue 10) ----------------------------------------------------
+
+
+def tiny_falcon() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Falcon as falcon-7b: parallel attention and MLP, multi-query, one LayerNorm, rotary."""
+    return _text(
+        FalconConfig,
+        FalconForCausalLM,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        multi_query=True,
+        parallel_attn=True,
+        new_decoder_architecture=False,
+        max_position_embeddings=128,
+    )
+
+
+def tiny_falcon_40b() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Falcon as falcon-40b: new decoder architecture, ln_attn / ln_mlp, 2 kv groups."""
+    return _text(
+        FalconConfig,
+        FalconForCausalLM,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        max_position_embeddings=128,
+    )
+
+
+def tiny_gptj() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """GPT-J: parallel attention and MLP, rotary on a quarter of each head (rotate_every_two)."""
+    return _text(
+        GPTJConfig,
+        GPTJForCausalLM,
+        n_embd=WIDTH,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        rotary_dim=4,
+        n_positions=128,
+    )
+
+
+def tiny_phi() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Phi as phi-2: parallel attention and MLP, half of each head rotary, biases everywhere."""
+    return _text(
+        PhiConfig,
+        PhiForCausalLM,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=4 * WIDTH,
+        max_position_embeddings=128,
+    )
+
+
+def tiny_gpt_bigcode() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """GPT-BigCode as StarCoder: multi-query attention, learned positions."""
+    return _text(
+        GPTBigCodeConfig,
+        GPTBigCodeForCausalLM,
+        n_embd=WIDTH,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        multi_query=True,
+        n_positions=128,
+    )
+
+
+def _gemma(
+    config_cls: Callable[..., Any], model_cls: Callable[[Any], PreTrainedModel], **config: Any
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    return _text(
+        config_cls,
+        model_cls,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=2 * WIDTH,
+        max_position_embeddings=128,
+        **config,
+    )
+
+
+def tiny_gemma() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Gemma: embeddings scaled by sqrt(d_model), GeGLU, grouped-query attention."""
+    return _gemma(GemmaConfig, GemmaForCausalLM)
+
+
+def tiny_gemma2() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Gemma-2: pre- and post-norms, soft-capping, a 4-position window on layer 0."""
+    return _gemma(
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        sliding_window=4,
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+    )
+
+
+def tiny_gemma3() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Gemma-3 (text): q/k norms, a local (4-position window) and a global layer."""
+    return _gemma(
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        sliding_window=4,
+        query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+
+
+def tiny_qwen3() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Qwen3: per-head q/k RMSNorms, grouped-query attention."""
+    return _text(
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=2 * WIDTH,
+        max_position_embeddings=128,
+    )
+
+
+def tiny_olmo2() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """OLMo-2: norms after attention and MLP only, q/k norms over all heads."""
+    return _text(
+        Olmo2Config,
+        Olmo2ForCausalLM,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=2 * WIDTH,
+        max_position_embeddings=128,
+    )
+
+
+def tiny_stablelm() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """StableLM-2 as the 12B: parallel residual, per-head q/k LayerNorms, a quarter rotary."""
+    return _text(
+        StableLmConfig,
+        StableLmForCausalLM,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        intermediate_size=2 * WIDTH,
+        max_position_embeddings=128,
+        use_parallel_residual=True,
+        qk_layernorm=True,
+    )
+
+
 FAMILIES: Final[dict[str, Builder]] = {
     "gpt2": tiny.tiny_gpt2,
     "llama": tiny.tiny_llama,
@@ -192,5 +372,17 @@ FAMILIES: Final[dict[str, Builder]] = {
     "qwen2_moe": tiny_qwen2_moe,
     "qwen3_moe": tiny_qwen3_moe,
     "olmoe": tiny_olmoe,
+    # dense decoder-only families (issue 10)
+    "falcon": tiny_falcon,
+    "falcon_40b": tiny_falcon_40b,
+    "gptj": tiny_gptj,
+    "phi": tiny_phi,
+    "gpt_bigcode": tiny_gpt_bigcode,
+    "gemma": tiny_gemma,
+    "gemma2": tiny_gemma2,
+    "gemma3_text": tiny_gemma3,
+    "qwen3": tiny_qwen3,
+    "olmo2": tiny_olmo2,
+    "stablelm": tiny_stablelm,
 }
 """Builder of a tiny model per family, by name (the adapter's, or the architecture's)."""

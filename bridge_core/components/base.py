@@ -147,6 +147,15 @@ class GeneralizedComponent(nn.Module):
         """
         return {}
 
+    def skipped_checks(self) -> dict[str, str]:
+        """Per-attention checks of `verify` (``pattern``) that do not apply here.
+
+        By check, with the reason, as a spec's ``[verify] skip`` but decided by the component
+        from the model it is bound to: Falcon's attention skips ``pattern`` for ALiBi
+        checkpoints, whose bias `verify` does not recompute. None by default.
+        """
+        return {}
+
     def call_counts(self, inputs: Mapping[str, Any]) -> dict[str, int]:
         """Counts that hook points' ``calls`` expressions may name (``{"n_images": 2}``)."""
         return {}

@@ -10,7 +10,7 @@ from bridge_core.attention import PatternTap, ResultTap
 from bridge_core.components.base import GeneralizedComponent, Shape
 from bridge_core.components.moe import MoEBridge
 from bridge_core.hooks import HookPoint, InputTap, OutputTap, Tap
-from bridge_core.views import Reshape, Split, ViewTap
+from bridge_core.views import Flatten, Reshape, Split, ViewTap
 
 RESID: Shape = ("batch", "pos", "d_model")
 HEADS: Shape = ("batch", "pos", "n_heads", "d_head")
@@ -201,7 +201,10 @@ class JointQKVAttentionBridge(_AttentionHooks):
     ``layout = "split"`` (default): the fused output is ``[q | k | v]``, split into the widths
     ``split`` gives (sizes or expressions such as ``"n_key_value_heads * d_head"``; by default
     in thirds). ``layout = "per_head"``: it is ``[q_h | k_h | v_h]`` for each head in turn
-    (GPT-NeoX, BLOOM).
+    (GPT-NeoX, BLOOM). ``layout = "grouped"``: it is ``[q_g | k_g | v_g]`` for each of the
+    config's ``n_key_value_heads`` groups in turn, ``q_g`` the group's query heads (Falcon-40B;
+    with one group it is multi-query ``[q | k | v]``, with one query head per group
+    ``per_head``).
     """
 
     path_options: ClassVar[tuple[str, ...]] = ("qkv", "o", "kernel")
@@ -218,9 +221,31 @@ class JointQKVAttentionBridge(_AttentionHooks):
         elif layout == "split":
             sizes = self._split_sizes(module)
             q, k, v = (ViewTap(fused, (Split(sizes, i), Reshape((-1, d_head)))) for i in range(3))
+        elif layout == "grouped":
+            q, k, v = self._grouped(module, fused, d_head)
         else:
-            raise ValueError(f"options.layout must be 'split' or 'per_head' (got {layout!r})")
+            raise ValueError(
+                f"options.layout must be 'split', 'per_head' or 'grouped' (got {layout!r})"
+            )
         self.bind_heads(module, q, k, v)
+
+    def _grouped(
+        self, module: nn.Module, fused: Tap, d_head: int
+    ) -> tuple[ViewTap, ViewTap, ViewTap]:
+        """q, k, v of a fused output laid out as ``[q_g | k_g | v_g]`` per key/value group."""
+        groups = self.size("n_key_value_heads", "options.layout")
+        width = _out_features(self.part(module, "qkv"))
+        if width % groups or width // groups <= 2 * d_head:
+            raise ValueError(
+                f"options.layout = 'grouped': the fused width {width} is not {groups} groups of "
+                f"query heads and one key and one value head of {d_head}"
+            )
+        group = width // groups
+        sizes = (group - 2 * d_head, d_head, d_head)
+        per_group = Reshape((groups, group))
+        q = ViewTap(fused, (per_group, Split(sizes, 0), Flatten(2), Reshape((-1, d_head))))
+        k, v = (ViewTap(fused, (per_group, Split(sizes, i))) for i in (1, 2))
+        return q, k, v
 
     def _split_sizes(self, module: nn.Module) -> tuple[int, int, int]:
         given = self.options.get("split")
