@@ -16,6 +16,7 @@ raises at the end of its forward, so a pattern hook never silently fails to fire
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import threading
@@ -56,6 +57,7 @@ class Route:
     runs: dict[str, list[Run]] = field(default_factory=dict)
     called: bool = False
     checks: tuple[Handle, ...] = ()
+    kernel: Kernel | None = None  # the module's own kernel, looked up once when hooked
 
     def through(self, which: str, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` through every run attached for `which`."""
@@ -94,13 +96,14 @@ class PatternTap:
     which: Which
 
     def attach(self, run: Run) -> Handle:
-        check_dispatch(self.module)
         with _LOCK:
-            _switch_on(self.module)
             route = _ROUTES.get(self.module)
-            if route is None:
+            if route is None:  # the module's first hooked tap: check it and switch its config
+                check_dispatch(self.module)
+                _switch_on(self.module)
                 route = _ROUTES[self.module] = Route()
                 route.checks = _watch(self.module, route)
+                route.kernel = _original_kernel(self.module)
             route.runs.setdefault(self.which, []).append(run)
         return _Detach(self.module, self.which, run)
 
@@ -120,11 +123,11 @@ class _Detach:
             runs.remove(self.run)
             if not runs:
                 del route.runs[self.which]
-            if not route.runs:
+            if not route.runs:  # the module's last: its config goes back to its own kernel
                 for handle in route.checks:
                     handle.remove()
                 _ROUTES.pop(self.module, None)
-            _switch_off(self.module)
+                _switch_off(self.module)
 
 
 def check_dispatch(module: nn.Module) -> None:
@@ -134,9 +137,7 @@ def check_dispatch(module: nn.Module) -> None:
         BridgeError: naming the module class and what would be needed.
     """
     _config_of(module)
-    forward = inspect.unwrap(type(module).forward)
-    code = getattr(forward, "__code__", None)
-    if code is None or _DISPATCH not in code.co_names:
+    if not _dispatches(type(module)):
         raise BridgeError(
             f"{type(module).__name__} ({type(module).__module__}) does not choose its kernel "
             f"through transformers' AttentionInterface ({_DISPATCH}), so its attention pattern "
@@ -144,6 +145,17 @@ def check_dispatch(module: nn.Module) -> None:
             "hook_attn_scores and hook_rot_q/k are not available for it (an adapter can "
             "provide a kernel for it as a component kind)"
         )
+
+
+_DISPATCHING: dict[type, bool] = {}
+
+
+def _dispatches(cls: type[nn.Module]) -> bool:
+    """Whether `cls.forward` picks its kernel from transformers' attention functions."""
+    if cls not in _DISPATCHING:
+        code = getattr(inspect.unwrap(cls.forward), "__code__", None)
+        _DISPATCHING[cls] = code is not None and _DISPATCH in code.co_names
+    return _DISPATCHING[cls]
 
 
 def _watch(module: nn.Module, route: Route) -> tuple[Handle, ...]:
@@ -245,10 +257,10 @@ def route_attention(
     from the original kernel, so observing never changes the model's outputs; once a hook
     changes the scores or the pattern, the output is computed from the edited pattern.
     """
-    original = _original_kernel(module)
     route = _ROUTES.get(module)
-    if route is None or not route.runs:
-        return original(module, query, key, value, attention_mask, **kwargs)
+    if route is None or not route.runs or route.kernel is None:
+        return _original_kernel(module)(module, query, key, value, attention_mask, **kwargs)
+    original = route.kernel
     route.called = True
     runs = route.runs
     if "rot_q" in runs:
@@ -320,7 +332,7 @@ def hooked_pattern(
         scores = torch.tanh(scores / softcap) * softcap
     mask = additive_mask(module, attention_mask, scores, is_causal)
     if mask is not None:
-        scores = scores + mask
+        scores.add_(mask)  # scores is ours: a fresh product
     edited = replaced = False
     if "scores" in route.runs:
         scores, edited, replaced = _through(route, "scores", scores)
@@ -356,14 +368,25 @@ def additive_mask(
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         if not causal or q_len == 1:
             return None
-        keep = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device)
-        mask = keep.tril(diagonal=k_len - q_len)
-    else:
-        mask = mask[..., :k_len]
+        inference = torch.is_inference_mode_enabled()
+        return _causal_mask(q_len, k_len, scores.dtype, scores.device, inference)
+    mask = mask[..., :k_len]
     if mask.dtype == torch.bool:
         zeros = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
         return zeros.masked_fill(~mask, lowest)
     return mask
+
+
+@functools.lru_cache(maxsize=32)
+def _causal_mask(
+    q_len: int, k_len: int, dtype: torch.dtype, device: torch.device, inference: bool
+) -> torch.Tensor:
+    """The additive causal mask ``[q, k]`` (queries are the last `q_len` positions); cached,
+    as every layer of a forward asks for the same one (one made under inference mode is an
+    inference tensor, kept apart). Never edited in place: it is added to the scores."""
+    keep = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
+    zeros = torch.zeros(q_len, k_len, dtype=dtype, device=device)
+    return zeros.masked_fill(~keep, torch.finfo(dtype).min)
 
 
 @dataclass(frozen=True)
