@@ -34,7 +34,9 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = ("transformers", "torch")
 PYPROJECTS = [ROOT / "pyproject.toml", *sorted(ROOT.glob("plugins/*/pyproject.toml"))]
-PACKAGES = ["bridge_core", "adapters/bridge_adapters", "plugins/llava/bridge_llava"]
+PACKAGES = ["bridge_core", "adapters/bridge_adapters"] + [
+    str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("plugins/*/bridge_*")) if p.is_dir()
+]
 
 
 @dataclass
@@ -95,14 +97,9 @@ def run_corner(corner: Corner, pytest_args: list[str], keep: bool) -> None:
         pins = venv / "pins.txt"
         pins.write_text(f"transformers=={corner.transformers}\ntorch=={corner.torch}\n")
         install = [python, "-m", "pip", "install", "--quiet", "-c", str(pins)]
-        install += [
-            "torch",
-            "transformers",
-            "-e",
-            f"{ROOT}[dev]",
-            "-e",
-            str(ROOT / "plugins/llava"),
-        ]
+        install += ["torch", "transformers", "-e", f"{ROOT}[dev]"]
+        for plugin in PYPROJECTS[1:]:  # every plugin distribution, as the lock installs them
+            install += ["-e", str(plugin.parent)]
         ok, out = _try(install, env)
         corner.install = "ok" if ok else "failed"
         corner.log.append(out)
