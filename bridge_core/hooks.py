@@ -204,14 +204,14 @@ class InputTap:
         )
 
 
-@dataclass(eq=False)  # identity: the same function may be added twice
+@dataclass(eq=False, slots=True)  # identity: the same function may be added twice
 class _Hook:
     fn: HookFn
     permanent: bool
     scope: object | None = None  # runs only while this scope is open in the running context
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class HookHandle:
     """Removes one hook from its hook point."""
 

@@ -21,7 +21,7 @@ from bridge_core.errors import BridgeError, InputError
 from bridge_core.hooks import HookFn, HookPoint
 
 
-@dataclass
+@dataclass(slots=True)
 class _Saved:
     value: torch.Tensor
     original: torch.Tensor | None  # the live tensor, when its version is to be checked
@@ -54,7 +54,7 @@ class Recorder:
         return save
 
     def _save(self, tensor: torch.Tensor, point: HookPoint) -> _Saved:
-        value = tensor.detach()
+        value = tensor.detach() if tensor.requires_grad else tensor
         if self.remove_batch_dim:
             if value.shape[0] != 1:
                 raise InputError(
