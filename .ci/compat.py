@@ -73,6 +73,15 @@ def declared_ranges() -> dict[str, SpecifierSet]:
     return {name: spec for name, (spec, _) in ranges.items()}
 
 
+def editables() -> list[str]:
+    """``-e`` arguments for our own distributions, with the extras requirements.in installs."""
+    args: list[str] = []
+    for line in (ROOT / "requirements.in").read_text().splitlines():
+        if line.startswith("-e "):
+            args += ["-e", str(ROOT / line.removeprefix("-e ").strip())]
+    return args
+
+
 def released(package: str, spec: SpecifierSet) -> list[Version]:
     """Final releases of `package` on the index that `spec` allows, oldest first."""
     out = _run([sys.executable, "-m", "pip", "index", "versions", package], env=_index_env())
@@ -97,9 +106,7 @@ def run_corner(corner: Corner, pytest_args: list[str], keep: bool) -> None:
         pins = venv / "pins.txt"
         pins.write_text(f"transformers=={corner.transformers}\ntorch=={corner.torch}\n")
         install = [python, "-m", "pip", "install", "--quiet", "-c", str(pins)]
-        install += ["torch", "transformers", "-e", f"{ROOT}[dev]"]
-        for plugin in PYPROJECTS[1:]:  # every plugin distribution, as the lock installs them
-            install += ["-e", str(plugin.parent)]
+        install += ["torch", "transformers", *editables()]
         ok, out = _try(install, env)
         corner.install = "ok" if ok else "failed"
         corner.log.append(out)
