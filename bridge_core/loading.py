@@ -47,10 +47,10 @@ def boot(
 
     Raises:
         BootError: the path does not exist, or the hub id is not available (offline);
-            ``device`` together with ``device_map``; ``device_map`` without accelerate.
+            ``device`` together with ``device_map``; ``device_map`` without accelerate; the
+            architecture is no transformers class and no task can be told, or the task's
+            Auto class cannot load the config.
         AdapterNotFoundError: no adapter claims the architecture.
-        BootError: the architecture is no transformers class and no task can be told, or
-            the task's Auto class cannot load the config.
     """
     source = _source(model_name_or_path)
     _check_placement(device, from_pretrained_kwargs)
