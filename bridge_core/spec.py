@@ -237,6 +237,8 @@ class AdapterSpec(BaseModel):
     ``transformers`` class (renamed, remote code); None: derived (`bridge_core.loading`)."""
     priority: int = 0
     description: str = ""
+    examples: list[str] = Field(default_factory=list)
+    """Hub ids of checkpoints this adapter loads, for people (the support matrix)."""
     config: ConfigMapping = Field(default_factory=ConfigMapping)
     components: dict[str, ComponentSpec]
     hook_aliases: dict[str, str] = Field(default_factory=dict)
