@@ -66,7 +66,6 @@ def test_every_hook_point_verifies(
     assert not empty, f"no value to edit on verify's inputs (an expert without tokens?): {empty}"
 
 
-
 # -- the verify record: what transformer-bridge architectures and docs/architectures.md say --
 
 
