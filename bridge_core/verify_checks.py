@@ -199,17 +199,21 @@ def residual_algebra(bridge: TransformerBridge, cache: ActivationCache) -> Itera
         blocks = [_block(cache, names, f"{stack}.{i}", layout) for i in range(n_layers)]
         yield from blocks
         checked = all(r.ok is not None for r in blocks)
-        if stack == "blocks" and layout != "post_norm" and checked:
-            yield from _decomposition(cache, n_layers)
+        if _is_blocks(bridge, stack) and layout != "post_norm" and checked:
+            yield from _decomposition(cache, n_layers, stack)
+
+
+def _is_blocks(bridge: TransformerBridge, stack: str) -> bool:
+    """Whether `stack` is a list of the ``block`` kind (the text model's, an encoder's or a
+    decoder's), not, say, a vision tower's layers."""
+    from bridge_core.components.standard import BlockBridge
+
+    return isinstance(bridge.get_submodule(f"{stack}.0"), BlockBridge)
 
 
 def _layout(bridge: TransformerBridge, stack: str) -> str:
-    """The config's block layout for stacks of the ``block`` kind (the text model's, also an
-    encoder's and a decoder's); other stacks (a vision tower's layers) are pre-norm."""
-    from bridge_core.components.standard import BlockBridge
-
-    first = bridge.get_submodule(f"{stack}.0")
-    return bridge.cfg.block_layout if isinstance(first, BlockBridge) else "pre_norm"
+    """The config's block layout for stacks of blocks; other stacks are pre-norm."""
+    return bridge.cfg.block_layout if _is_blocks(bridge, stack) else "pre_norm"
 
 
 def _block(cache: ActivationCache, names: set[str], prefix: str, layout: str) -> Result:
@@ -259,13 +263,15 @@ def _chain(get: Callable[[str], torch.Tensor | None], layout: str) -> list[Equat
     return equations
 
 
-def _decomposition(cache: ActivationCache, n_layers: int) -> Iterator[Result]:
+def _decomposition(cache: ActivationCache, n_layers: int, stack: str) -> Iterator[Result]:
+    last = f"{stack}.{n_layers - 1}.hook_resid_post"
     for layer in range(n_layers + 1):
-        hook = f"blocks.{layer}.hook_resid_pre" if layer < n_layers else "ln_final.hook_in"
+        hook = f"{stack}.{layer}.hook_resid_pre" if layer < n_layers else last
+        if stack == "blocks" and layer == n_layers:
+            hook = "ln_final.hook_in"
         try:
-            last = f"blocks.{n_layers - 1}.hook_resid_post"
-            target = cache["resid_pre", layer] if layer < n_layers else cache[last]
-            parts = cache.decompose_resid(layer=layer)
+            target = cache[hook if layer < n_layers else last]
+            parts = cache.decompose_resid(layer=layer, stack=stack)
         except Exception as exc:
             yield _result("residual", hook, False, f"decompose_resid raised {exc}")
             continue

@@ -11,7 +11,7 @@ import torch
 from transformers import BertModel
 
 from bridge_adapters.families import tiny_bart, tiny_t5, tiny_t5_gated
-from bridge_core import AdapterSpec, SpecError, TransformerBridge
+from bridge_core import AdapterSpec, HookNameError, InputError, SpecError, TransformerBridge
 
 # -- the real all-MiniLM-L6-v2 (a headless BertModel), from the files of its PyPI package --
 
@@ -174,3 +174,56 @@ def test_a_single_option_path_that_does_not_exist_is_still_an_error() -> None:
     spec["components"]["encoder"]["submodules"]["mlp"]["options"]["out"] = ["w0", "w1"]
     with pytest.raises(SpecError, match=r"options\.out.*\['w0', 'w1'\] does not exist"):
         TransformerBridge.wrap(model, adapter=AdapterSpec.model_validate(spec))
+
+
+# -- the cache's residual-stream helpers on an encoder-decoder: the stack is named ----------
+
+
+def test_cache_shorthand_and_helpers_take_the_stack(seq2seq: tuple[Any, TransformerBridge]) -> None:
+    _, bridge = seq2seq
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(**_inputs())
+    assert cache["resid_pre", 1, "encoder"] is cache["encoder.1.hook_resid_pre"]
+    assert cache["resid_post", -1, "decoder"] is cache["decoder.1.hook_resid_post"]
+    assert (
+        cache["pattern", 0, "cross_attn", "decoder"] is cache["decoder.0.cross_attn.hook_pattern"]
+    )
+    assert cache["q", -1, "attn", "encoder"] is cache["encoder.1.attn.hook_q"]
+    with pytest.raises(
+        HookNameError, match=r"no 'blocks'.*\"resid_pre\", 0, 'decoder'.*encoder, decoder"
+    ):
+        cache["resid_pre", 0]
+
+    stack, labels = cache.accumulated_resid(stack="decoder", incl_mid=True, return_labels=True)
+    assert labels == [
+        "0_pre",
+        "0_mid",
+        "0_mid_cross",
+        "1_pre",
+        "1_mid",
+        "1_mid_cross",
+        "final_post",
+    ]
+    assert torch.equal(stack[2], cache["decoder.0.hook_resid_mid_cross"])
+    assert cache.stack_activation("cross_attn_out", stack="decoder").shape == (2, 2, 4, 64)
+    _, labels = cache.accumulated_resid(1, mlp_input=True, stack="decoder", return_labels=True)
+    assert labels == ["0_pre", "1_pre", "1_mid_cross"]
+
+    parts, labels = cache.decompose_resid(1, mlp_input=True, stack="decoder", return_labels=True)
+    assert labels == [
+        "embed",
+        "0_attn_out",
+        "0_cross_attn_out",
+        "0_mlp_out",
+        "1_attn_out",
+        "1_cross_attn_out",
+    ]
+    if bridge.cfg.block_layout == "pre_norm":  # T5: the terms add up to the MLP's input
+        torch.testing.assert_close(parts.sum(0), cache["decoder.1.hook_resid_mid_cross"])
+        # the decoder's final norm reads the last resid_post (TransformerLens's decoder_final_ln)
+        final = cache.accumulated_resid(stack="decoder", apply_ln=True)[-1]
+        normalized = bridge.decoder_final_ln(cache["decoder.1.hook_resid_post"])
+        weight = bridge.decoder_final_ln.original_component.weight
+        torch.testing.assert_close(final * weight, normalized)
+    with pytest.raises(InputError, match=r"for 'decoder' apply its final norm"):
+        cache.logit_lens(stack, stack="decoder")
