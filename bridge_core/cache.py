@@ -39,7 +39,8 @@ def act_name(
             return f"ln_final.hook_{name}"
         raise InputError(f"activation {name!r} needs a layer index, e.g. cache[{name!r}, 0]")
     if name in _ATTN:  # sublayer: another attention of the block, e.g. "cross_attn"
-        return f"{stack}.{layer}.{_SHORT.get(sublayer or 'attn', sublayer)}.hook_{name}"
+        attention = sublayer or "attn"
+        return f"{stack}.{layer}.{_SHORT.get(attention, attention)}.hook_{name}"
     if name in _MLP:
         return f"{stack}.{layer}.mlp.hook_{name}"
     if name in _NORM:
