@@ -420,9 +420,9 @@ class _Stack:
         """The normalization components that read a layer's residual stream, in order.
 
         ``ln1``, ``ln2`` (and a decoder's ``ln3``) where the layer has them (TransformerLens's
-        names); else its
-        norms in forward order (a vision tower's ``layer_norm1``, ``layer_norm2``). Norms of
-        a sublayer's output (``ln1_post``, ``ln2_post``) never read the stream.
+        names); else its norms in forward order (a vision tower's ``layer_norm1``,
+        ``layer_norm2``). Norms of a sublayer's output (``ln1_post``, ``ln2_post``) never read
+        the stream.
         """
         prefix, aliases = f"{self.path}.{layer}.", self.cache.model._names.aliases
         found = [
