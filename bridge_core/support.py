@@ -156,7 +156,7 @@ class AdapterRow:
     """One adapter of the support matrix."""
 
     spec: AdapterSpec
-    source: str  # "built-in spec" or "plugin <name>"
+    source: str  # "built-in spec" or "plugin <name>", and any Python kinds it needs
     distribution: str  # "<distribution> <version>"
     families: dict[str, FamilyRecord]
 
@@ -189,10 +189,28 @@ def adapter_rows(registry: Registry, records: Mapping[str, FamilyRecord]) -> lis
     for spec in sorted(registry.adapters(), key=lambda s: s.name):
         plugin = registry.adapter_source(spec.name)
         source = "built-in spec" if plugin.name in DEFAULT_PLUGINS else f"plugin {plugin.name}"
+        code = _python_kinds(spec, registry)
+        if code:  # the spec needs component kinds written in Python (a kernel of their own)
+            source += f" + Python kind {', '.join(code)}"
         dist = f"{plugin.distribution or '-'} {plugin.version or ''}".strip()
         mine = {k: r for k, r in sorted(records.items()) if r.adapter == spec.name}
         rows.append(AdapterRow(spec, source, dist, mine))
     return rows
+
+
+def _python_kinds(spec: AdapterSpec, registry: Registry) -> list[str]:
+    """The component kinds a spec uses that are no core kind (`bridge_core.components`)."""
+    kinds = registry.component_kinds()
+    used: list[str] = []
+    todo = list(spec.components.values())
+    while todo:
+        component = todo.pop(0)
+        todo.extend(component.submodules.values())
+        cls = kinds.get(component.kind)
+        core = cls is not None and cls.__module__.startswith("bridge_core.components")
+        if not core and component.kind not in used:
+            used.append(component.kind)
+    return used
 
 
 def matrix_markdown(rows: list[AdapterRow], records: Records, command: str) -> str:

@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     records = Records.read(RECORD) if args.docs_only else record_all(args.update or None)
     if not args.docs_only:
         RECORD.write_text(records.to_json(), encoding="utf-8")
+        print(f"wrote {RECORD}", file=sys.stderr)
     args.docs.write_text(render(records), encoding="utf-8")
-    print(f"wrote {RECORD} and {args.docs}", file=sys.stderr)
+    print(f"wrote {args.docs}", file=sys.stderr)
     return 0
 
 
