@@ -87,7 +87,8 @@ def test_cli_lists_source_task_and_recorded_status(capsys: pytest.CaptureFixture
     assert "seq2seq-lm" in rows["t5"] and "t5_gated: passed (pattern skipped)" in rows["t5"]
     assert "built-in spec (transformer-bridge" in rows["bert"]
     assert "BertModel: passed" in rows["bert"] and "bert: passed" in rows["bert"]
-    assert "plugin llava (transformer-bridge-llava" in rows["llava"]
+    assert "plugin llava + Python kind clip_vision_encoder" in rows["llava"]
+    assert "(transformer-bridge-llava 0.1.0)" in rows["llava"]
     assert "no tiny model recorded" in rows["llava"]
 
 
@@ -100,4 +101,4 @@ def test_cli_verifies_live_on_request(capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_cli_names_an_unknown_adapter(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["architectures", "gpt-2"]) == 2
-    assert "no adapter is named 'gpt-2'. Did you mean 'gpt2'?" in capsys.readouterr().err
+    assert "no adapter is named 'gpt-2'. Did you mean 'gpt2'" in capsys.readouterr().err
