@@ -227,3 +227,16 @@ def test_cache_shorthand_and_helpers_take_the_stack(seq2seq: tuple[Any, Transfor
         torch.testing.assert_close(final * weight, normalized)
     with pytest.raises(InputError, match=r"for 'decoder' apply its final norm"):
         cache.logit_lens(stack, stack="decoder")
+
+
+def test_the_cli_dry_run_starts_the_decoder_as_generate_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bridge_adapters.tiny import save_pretrained
+    from bridge_core.cli import main
+
+    saved = save_pretrained(*tiny_bart(), tmp_path / "bart")
+    assert main(["--plain", "hooks", str(saved), "--filter", "decoder.1.cross_attn.hook_"]) == 0
+    out = capsys.readouterr().out
+    # one decoder position (the start token) attending to every encoder position
+    assert "hook_q [1, 1, 4, 16]" in out and "hook_pattern [1, 4, 1, " in out
