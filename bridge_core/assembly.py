@@ -62,13 +62,13 @@ class Assembler:
         name: str,
         where: str,
     ) -> GeneralizedComponent:
-        self._check_options(cls, spec, module, where)
+        options = self._options(cls, spec, module, where)
         children: dict[str, nn.Module] = {}
         for key, sub in spec.submodules.items():
             child = self._entry(sub, module, f"{name}.{key}", f"{where}.submodules.{key}")
             if child is not None:
                 children[key] = child
-        component = cls(name, config=self.config, submodules=children, options=spec.options)
+        component = cls(name, config=self.config, submodules=children, options=options)
         try:
             for option in cls.size_options:
                 if option in spec.options and not isinstance(spec.options[option], list):
@@ -101,31 +101,54 @@ class Assembler:
         except BridgeError as exc:
             raise self._error(where, str(exc)) from exc
 
-    def _check_options(
+    def _options(
         self, cls: type[GeneralizedComponent], spec: ComponentSpec, module: nn.Module, where: str
-    ) -> None:
+    ) -> dict[str, Any]:
+        """The spec's options with each path option checked, and candidate lists resolved.
+
+        A path option given as a list names candidates, tried in order like a component's
+        `path`; when none exists in the module, the option is left out (T5's gated MLP has
+        ``wi_0`` and ``wi_1`` where the plain one has ``wi``), unless the kind requires it.
+        """
         missing = [o for o in cls.required_options if o not in spec.options]
         if missing:
             raise self._error(
                 where, f"kind {spec.kind!r} needs the option(s) {missing} (got {spec.options})"
             )
+        options = dict(spec.options)
         for option in cls.path_options:
-            path = spec.options.get(option)
-            if path is None:
+            given = options.get(option)
+            if given is None:
                 continue
-            try:
-                module.get_submodule(path)
-            except AttributeError:
+            candidates = given if isinstance(given, list) else [given]
+            found = next((p for p in candidates if _has_submodule(module, p)), None)
+            if found is not None:
+                options[option] = found
+            elif isinstance(given, list) and option not in cls.required_options:
+                del options[option]
+            else:
                 children = [n for n, _ in module.named_children()]
+                first = str(candidates[0]) if candidates else ""
                 raise self._error(
                     f"{where}.options.{option}",
-                    f"path {path!r} does not exist in {type(module).__name__}."
-                    f"{did_you_mean(path, children)} Its children: {children}",
-                ) from None
+                    f"path {given!r} does not exist in {type(module).__name__}."
+                    f"{did_you_mean(first, children)} Its children: {children}",
+                )
+        return options
 
     def _error(self, where: str, message: str) -> SpecError:
         model = type(self.model).__name__
         return SpecError(f"adapter spec {self.spec.name!r}, {where} (model {model}): {message}")
+
+
+def _has_submodule(module: nn.Module, path: object) -> bool:
+    if not isinstance(path, str):
+        return False
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _apply_hook_specs(

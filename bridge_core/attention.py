@@ -315,9 +315,13 @@ def hooked_pattern(
     scaling: float | None = None,
     softcap: float | None = None,
     is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, bool, bool]:
     """HF's eager attention pattern (``[batch, head, q_pos, k_pos]``) through the hooks.
+
+    ``position_bias`` is transformers' additive bias on the scores (T5's learned relative
+    positions; its sdpa kernel adds it too), added before the mask as the eager kernels do.
 
     Returns:
         (pattern, whether a hook changed the scores or the pattern, whether the hooks
@@ -330,6 +334,8 @@ def hooked_pattern(
     scores = torch.matmul(query, key.transpose(2, 3)) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    if position_bias is not None:
+        scores = scores + position_bias
     mask = additive_mask(module, attention_mask, scores, is_causal)
     if mask is not None:
         scores.add_(mask)  # scores is ours: a fresh product

@@ -38,8 +38,9 @@ def act_name(
         if name in _NORM:
             return f"ln_final.hook_{name}"
         raise InputError(f"activation {name!r} needs a layer index, e.g. cache[{name!r}, 0]")
-    if name in _ATTN:
-        return f"{stack}.{layer}.attn.hook_{name}"
+    if name in _ATTN:  # sublayer: another attention of the block, e.g. "cross_attn"
+        attention = sublayer or "attn"
+        return f"{stack}.{layer}.{_SHORT.get(attention, attention)}.hook_{name}"
     if name in _MLP:
         return f"{stack}.{layer}.mlp.hook_{name}"
     if name in _NORM:
@@ -98,7 +99,7 @@ class ActivationCache:
     # -- mapping -------------------------------------------------------------------------
 
     def _key(self, key: str | tuple[Any, ...]) -> str:
-        name = act_name(*key) if isinstance(key, tuple) else key
+        name = self._act_name(key) if isinstance(key, tuple) else key
         for candidate in (name, self._canonical(name)):
             if candidate in self.cache_dict or candidate in self.call_lists:
                 return candidate
@@ -110,7 +111,29 @@ class ActivationCache:
         known = [*self.cache_dict, *self.model._names.aliases]
         raise HookNameError(
             f"{name!r} is not in this cache.{did_you_mean(name, known)} "
-            "Pass it in names_filter to cache it."
+            f"Pass it in names_filter to cache it.{self._stack_hint(name)}"
+        )
+
+    def _act_name(self, key: tuple[Any, ...]) -> str:
+        """``(name, layer[, sublayer][, stack])`` as a hook name; see `__getitem__`."""
+        name, *rest = key
+        layer = rest[0] if rest else None
+        sublayer = rest[1] if len(rest) > 1 else None
+        stack = rest[2] if len(rest) > 2 else "blocks"
+        if len(rest) == 2 and isinstance(sublayer, str) and _is_stack(self.model, sublayer):
+            sublayer, stack = None, sublayer  # cache["resid_pre", 3, "decoder"]
+        if isinstance(layer, int) and layer < 0:  # from the end of the stack
+            layer += _Stack.of(self, stack).n_layers
+        return act_name(name, layer, sublayer, stack)
+
+    def _stack_hint(self, name: str) -> str:
+        if not name.startswith("blocks.") or _is_stack(self.model, "blocks"):
+            return ""
+        stacks = stacks_of(self.model)
+        example = f'cache["resid_pre", 0, {stacks[-1]!r}]' if stacks else ""
+        return (
+            f" This bridge has no 'blocks'; name the stack of layers, e.g. {example} "
+            f"(its stacks: {', '.join(stacks)})"
         )
 
     def _canonical(self, name: str) -> str:
@@ -122,8 +145,15 @@ class ActivationCache:
         return aliases.get(name, name)
 
     def __getitem__(self, key: str | tuple[Any, ...]) -> torch.Tensor:
-        if isinstance(key, tuple) and len(key) > 1 and isinstance(key[1], int) and key[1] < 0:
-            key = (key[0], key[1] + self.model.cfg.n_layers, *key[2:])
+        """The activation `key` names: a hook name or alias, or TransformerLens's shorthand.
+
+        ``cache["resid_pre", 3]`` is ``blocks.3.hook_resid_pre`` (a negative layer counts from
+        the last); ``cache["normalized", 3, "ln2"]`` names a sublayer as in TransformerLens;
+        and a stack of layers other than ``blocks`` comes after the layer, or after the
+        sublayer: ``cache["resid_pre", 3, "decoder"]`` (``decoder.3.hook_resid_pre``),
+        ``cache["q", -1, "attn", "encoder"]``, ``cache["resid_post", 0,
+        "vision_encoder.layers"]``.
+        """
         name = self._key(key)
         if name not in self.cache_dict:
             calls = self.call_lists[name]
@@ -245,6 +275,9 @@ class ActivationCache:
             if incl_mid:
                 parts.append(self[layers.resid_mid(i)])
                 labels.append(f"{i}_mid")
+                if layers.has(i, "hook_resid_mid_cross"):  # a decoder: after cross-attention
+                    parts.append(self[layers.mlp_input(i)])
+                    labels.append(f"{i}_mid_cross")
         if layer == n_layers:
             parts.append(self[layers.name(n_layers - 1, "hook_resid_post")])
             labels.append("final_post")
@@ -252,8 +285,9 @@ class ActivationCache:
             parts.append(self[layers.name(layer, "hook_resid_pre")])
             labels.append(f"{layer}_pre")
             if mlp_input:
-                parts.append(self[layers.resid_mid(layer)])
-                labels.append(f"{layer}_mid")
+                parts.append(self[layers.mlp_input(layer)])
+                cross = layers.has(layer, "hook_resid_mid_cross")
+                labels.append(f"{layer}_mid_cross" if cross else f"{layer}_mid")
         result = _slice_pos(torch.stack(parts), pos_slice)
         if apply_ln:
             result = self.apply_ln_to_stack(result, layer, mlp_input, pos_slice, stack=stack)
@@ -275,7 +309,8 @@ class ActivationCache:
         The terms add up at every position: in a run with images, ``embed`` is zero at the
         image tokens and ``image`` is what the model put there (the image features), so the
         sum is ``blocks.0.hook_resid_pre`` plus the block outputs. For another `stack`,
-        ``embed`` is its first layer's input.
+        ``embed`` is its first layer's input; a decoder's cross-attention outputs
+        (``{i}_cross_attn_out``) count as attention.
 
         Args:
             mode: "all", "attn" or "mlp": which block outputs to include.
@@ -289,6 +324,9 @@ class ActivationCache:
         for i in range(layer + int(mlp_input and layer < n_layers)):
             if mode in ("all", "attn"):
                 terms.append((f"{i}_attn_out", self[layers.name(i, "hook_attn_out")]))
+                if layers.has(i, "hook_cross_attn_out"):  # a decoder's cross-attention
+                    cross = self[layers.name(i, "hook_cross_attn_out")]
+                    terms.append((f"{i}_cross_attn_out", cross))
             if mode in ("all", "mlp") and i < layer:
                 terms.append((f"{i}_mlp_out", self[layers.name(i, "hook_mlp_out")]))
         if not terms:
@@ -335,6 +373,13 @@ class ActivationCache:
         through the projector first (`bridge_core.multimodal.vision_logit_lens`).
         """
         model = self.model
+        if stack != "blocks" and not model.cfg.is_multimodal:  # an encoder-decoder's stack
+            raise InputError(
+                f"logit_lens goes from the language model's 'blocks' (or a vision tower "
+                f"feeding them); for {stack!r} apply its final norm (if any) and then "
+                "bridge.unembed yourself (T5 with tied embeddings also scales by "
+                "d_model ** -0.5 between them)"
+            )
         if stack != "blocks":
             from bridge_core.multimodal import vision_logit_lens
 
@@ -374,9 +419,10 @@ class _Stack:
     def norms(self, layer: int) -> list[str]:
         """The normalization components that read a layer's residual stream, in order.
 
-        ``ln1`` and ``ln2`` where the layer has them (TransformerLens's names); else its
-        norms in forward order (a vision tower's ``layer_norm1``, ``layer_norm2``). Norms of
-        a sublayer's output (``ln1_post``, ``ln2_post``) never read the stream.
+        ``ln1``, ``ln2`` (and a decoder's ``ln3``) where the layer has them (TransformerLens's
+        names); else its norms in forward order (a vision tower's ``layer_norm1``,
+        ``layer_norm2``). Norms of a sublayer's output (``ln1_post``, ``ln2_post``) never read
+        the stream.
         """
         prefix, aliases = f"{self.path}.{layer}.", self.cache.model._names.aliases
         found = [
@@ -386,7 +432,7 @@ class _Stack:
             and alias.endswith(".hook_normalized")
             and alias[len(prefix) :].count(".") == 1
         ]
-        conventional = [f"{prefix}ln1", f"{prefix}ln2"]
+        conventional = [f"{prefix}ln1", f"{prefix}ln2", f"{prefix}ln3"]  # ln3: a decoder's MLP
         if any(name in found for name in conventional):
             return [name for name in conventional if name in found]
         return [name for name in found if not name.endswith("_post")]
@@ -398,11 +444,25 @@ class _Stack:
             return name
         return self.norms(layer)[1] + ".hook_in"
 
+    def has(self, layer: int, hook: str) -> bool:
+        """Whether the layer has the hook point or alias (a decoder's cross-attention ones)."""
+        names = self.cache.model._names
+        return self.name(layer, hook) in names.points or self.name(layer, hook) in names.aliases
+
+    def mlp_input(self, layer: int) -> str:
+        """The stream the MLP reads: after cross-attention in a decoder, else ``resid_mid``."""
+        if self.has(layer, "hook_resid_mid_cross"):
+            return self.name(layer, "hook_resid_mid_cross")
+        return self.resid_mid(layer)
+
     def norm(self, layer: int | None, mlp_input: bool) -> str:
-        """The norm component that reads the stream at `layer` (the final norm for None)."""
+        """The norm component that reads the stream at `layer` (the final norm for None):
+        ``ln_final`` after ``blocks``, ``<stack>_final_ln`` after another stack (TransformerLens's
+        ``encoder_final_ln`` and ``decoder_final_ln``)."""
         if layer is None or layer == self.n_layers:
-            if self.is_language_model:
-                return "ln_final"
+            final = "ln_final" if self.is_language_model else f"{self.path}_final_ln"
+            if _module(self.cache.model, final) is not None:
+                return final
             raise InputError(
                 f"no norm of {self.path!r} reads the output of its last layer; pass a layer "
                 f"below {self.n_layers}"
@@ -414,7 +474,7 @@ class _Stack:
                 f"no norm reads the residual stream of layer {layer} of {self.path!r} (looked "
                 f"for {wanted!r}; its norms: {norms or 'none'}), so there is no scale to apply"
             )
-        return norms[int(mlp_input)]
+        return norms[-1] if mlp_input else norms[0]  # a decoder's MLP reads ln3
 
     def norm_kind(self, norm: str) -> tuple[str, float]:
         """("LN" or "RMS", eps) of a norm component."""
@@ -451,6 +511,22 @@ def _embed_terms(cache: ActivationCache, layers: _Stack) -> list[tuple[str, torc
     terms = [(n, torch.where(mask, zero, t) if n == "embed" else t) for n, t in terms]
     rest = resid - sum((t for _, t in terms), torch.zeros_like(resid))
     return [*terms, ("image", torch.where(mask, rest, zero))]
+
+
+def _is_stack(model: nn.Module, path: str) -> bool:
+    return isinstance(_module(model, path), nn.ModuleList)
+
+
+def stacks_of(model: nn.Module) -> list[str]:
+    """The stacks of layers of a bridge: its lists of components not inside a layer."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and name
+        and not any(part.isdigit() for part in name.split("."))
+        and not name.startswith("original_model")
+    ]
 
 
 def _module(model: nn.Module, path: str) -> nn.Module | None:

@@ -29,8 +29,10 @@ def boot(
     """Load a model by hub id or local path with HF's own loaders, and bridge it.
 
     HF's cache and offline rules apply (``HF_HOME``, ``HF_HUB_OFFLINE=1``). The model
-    class is the adapter's ``model_class`` or the config's first architecture. The
-    tokenizer and processor are loaded on first use.
+    class is the adapter's ``model_class`` or the config's first architecture; one that is
+    no transformers class (renamed, remote code) loads through the Auto class of the
+    adapter's task (`task_for`), with ``trust_remote_code`` only if passed. The tokenizer
+    and processor are loaded on first use.
 
     Args:
         device: move the model there after loading.
@@ -45,7 +47,9 @@ def boot(
 
     Raises:
         BootError: the path does not exist, or the hub id is not available (offline);
-            ``device`` together with ``device_map``; ``device_map`` without accelerate.
+            ``device`` together with ``device_map``; ``device_map`` without accelerate; the
+            architecture is no transformers class and no task can be told, or the task's
+            Auto class cannot load the config.
         AdapterNotFoundError: no adapter claims the architecture.
     """
     source = _source(model_name_or_path)
@@ -60,10 +64,20 @@ def boot(
         model = model_class.from_pretrained(source, config=config, **from_pretrained_kwargs)
     except OSError as exc:
         raise BootError(f"cannot load the weights of {source!r}: {exc}") from exc
+    except ValueError as exc:  # an Auto class that cannot load this config
+        if model_class.__name__ not in TASKS.values():
+            raise
+        architecture = _architecture(config)
+        raise BootError(
+            f"adapter {spec.name!r} loads {source!r} (architecture {architecture!r}, no "
+            f"transformers class) as {task_for(spec, architecture)!r} through "
+            f"{model_class.__name__}, which cannot: {exc} Set the spec's task (one of "
+            f"{list(TASKS)}) or model_class"
+        ) from exc
     if device is not None:
         model = model.to(device)
     cfg = spec.bridge_config(
-        config, model_name=source, architecture=model_class.__name__, adapter=spec.name
+        config, model_name=source, architecture=type(model).__name__, adapter=spec.name
     )
     bridge = cls(model, spec, cfg, registry=registry)
     shared = {k: from_pretrained_kwargs[k] for k in HUB_KEYWORDS if k in from_pretrained_kwargs}
@@ -187,40 +201,105 @@ MODEL_CLASS_ACCEPTED = (
     "the name of a transformers model class (a PreTrainedModel subclass, e.g. 'LlamaForCausalLM')"
 )
 
+TASKS: dict[str, str] = {
+    "causal-lm": "AutoModelForCausalLM",
+    "image-text-to-text": "AutoModelForImageTextToText",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "masked-lm": "AutoModelForMaskedLM",
+    "base": "AutoModel",
+}
+"""Each task of `AdapterSpec.task` and the ``transformers`` Auto class that loads it."""
+
+# transformers' own lists of the classes each Auto class loads, by task
+_AUTO_MAPPINGS = {
+    "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "image-text-to-text": "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+    "seq2seq-lm": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "masked-lm": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "base": "MODEL_MAPPING_NAMES",
+}
+_SUFFIXES = (
+    ("ForCausalLM", "causal-lm"),
+    ("LMHeadModel", "causal-lm"),
+    ("ForMaskedLM", "masked-lm"),
+    ("Model", "base"),
+)
+
+
+def task_for(spec: AdapterSpec, architecture: str | None = None) -> str | None:
+    """The task a checkpoint of `architecture` (no transformers class) is loaded as.
+
+    The spec's ``task``; else what the architecture's name says (``...ForCausalLM`` and
+    ``...LMHeadModel``: causal-lm, ``...ForMaskedLM``: masked-lm, ``...Model``: base); else
+    the task of the first of the spec's architectures that transformers' Auto classes load
+    (``LlavaForConditionalGeneration``: image-text-to-text, ``T5ForConditionalGeneration``:
+    seq2seq-lm). None when nothing tells.
+    """
+    if spec.task is not None:
+        return spec.task
+    by_name = _task_by_suffix(architecture)
+    if by_name is not None:
+        return by_name
+    from transformers.models.auto import modeling_auto
+
+    for known in spec.architectures:
+        for task, mapping in _AUTO_MAPPINGS.items():
+            names = getattr(modeling_auto, mapping, {}).values()
+            if any(known == n or (isinstance(n, tuple) and known in n) for n in names):
+                return task
+    return next(filter(None, map(_task_by_suffix, spec.architectures)), None)
+
+
+def _task_by_suffix(architecture: str | None) -> str | None:
+    for suffix, task in _SUFFIXES:
+        if architecture and architecture.endswith(suffix):
+            return task
+    return None
+
+
+def _architecture(config: Any) -> str | None:
+    architectures = getattr(config, "architectures", None) or []
+    return str(architectures[0]) if architectures else None
+
 
 def _model_class(spec: AdapterSpec, config: Any) -> Any:
-    """The transformers model class to load: the spec's ``model_class`` or the config's first
-    architecture.
+    """The class to load: the spec's ``model_class``, else the config's first architecture,
+    else (a renamed or remote-code architecture) the Auto class of the spec's task.
+
+    ``trust_remote_code`` is whatever the caller passed: off unless asked for.
 
     Raises:
         SpecError: the spec's ``model_class`` is no transformers model class.
-        BootError: the spec has none, and the config names no transformers model class.
+        BootError: the architecture is no transformers class and no task can be told.
     """
     import transformers
 
-    architectures = getattr(config, "architectures", None) or []
-    name = spec.model_class or (architectures[0] if architectures else None)
+    name = spec.model_class or _architecture(config)
     found = getattr(transformers, name, None) if name else None
     if isinstance(found, type) and issubclass(found, transformers.PreTrainedModel):
         return found
-    if name is None:
-        raise BootError(
-            f"adapter {spec.name!r} cannot tell which HF class to load: the config names no "
-            f"architectures and the spec no model_class. Accepted: {MODEL_CLASS_ACCEPTED}"
-        )
-    if found is None:
-        problem = f"transformers has no {name!r}"
-    elif isinstance(found, type):
-        problem = f"transformers.{name} is a class, but no PreTrainedModel subclass"
-    else:
-        problem = f"transformers.{name} is a {type(found).__name__}, not a model class"
-    candidates = [n for n in dir(transformers) if "Model" in n or "For" in n]
-    problem += "." + did_you_mean(name, candidates)
     if spec.model_class is not None:
+        if found is None:
+            problem = f"transformers has no {name!r}"
+        elif isinstance(found, type):
+            problem = f"transformers.{name} is a class, but no PreTrainedModel subclass"
+        else:
+            problem = f"transformers.{name} is a {type(found).__name__}, not a model class"
+        candidates = [n for n in dir(transformers) if "Model" in n or "For" in n]
+        problem += "." + did_you_mean(spec.model_class, candidates)
         raise SpecError(
             f"adapter spec {spec.name!r}, model_class: {problem} Accepted: {MODEL_CLASS_ACCEPTED}"
         )
-    raise BootError(
-        f"adapter {spec.name!r} cannot load the config's architecture {name!r}: {problem} "
-        f"Set the spec's model_class to {MODEL_CLASS_ACCEPTED}"
-    )
+    task = task_for(spec, name)
+    if task is None:
+        what = (
+            f"the config's architecture {name!r} is no transformers class"
+            if name
+            else ("the config names no architecture")
+        )
+        raise BootError(
+            f"adapter {spec.name!r} cannot tell which HF class to load: {what}, and neither it "
+            f"nor the spec's architectures {spec.architectures} tell the task. Set the spec's "
+            f"task (one of {list(TASKS)}) or its model_class to {MODEL_CLASS_ACCEPTED}"
+        )
+    return getattr(transformers, TASKS[task])

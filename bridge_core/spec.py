@@ -32,6 +32,9 @@ Size = int | str
 
 _VIEW_OPS = ("split", "reshape", "flatten", "select", "transpose", "tokens")
 
+Task = Literal["causal-lm", "image-text-to-text", "seq2seq-lm", "masked-lm", "base"]
+"""What a model does, which names the ``transformers`` Auto class that loads it (``boot``)."""
+
 
 class ViewSpec(BaseModel):
     """One step of a view on a tapped tensor; exactly one operation per step.
@@ -229,8 +232,13 @@ class AdapterSpec(BaseModel):
     architectures: list[str]
     model_types: list[str] = Field(default_factory=list)
     model_class: str | None = None
+    task: Task | None = None
+    """The Auto class `boot` loads a checkpoint through when its architecture is no
+    ``transformers`` class (renamed, remote code); None: derived (`bridge_core.loading`)."""
     priority: int = 0
     description: str = ""
+    examples: list[str] = Field(default_factory=list)
+    """Hub ids of checkpoints this adapter loads, for people (the support matrix)."""
     config: ConfigMapping = Field(default_factory=ConfigMapping)
     components: dict[str, ComponentSpec]
     hook_aliases: dict[str, str] = Field(default_factory=dict)

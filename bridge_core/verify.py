@@ -123,6 +123,10 @@ def example_inputs(bridge: TransformerBridge, batch: int = 2, pos: int = 8) -> d
     if cfg.image_token_id is not None:  # never a stray image token
         ids[ids == cfg.image_token_id] = (cfg.image_token_id + 1) % vocab
     inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(getattr(bridge.original_model, "config", None), "is_encoder_decoder", False):
+        # the decoder's own tokens, as many as the encoder's (the shapes name one `pos`)
+        low = min(3, vocab - 1)
+        inputs["decoder_input_ids"] = torch.randint(low, vocab, (batch, pos), generator=generator)
     processor = bridge.processor if cfg.is_multimodal else None
     for component in bridge.children():
         if isinstance(component, GeneralizedComponent):

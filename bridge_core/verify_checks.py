@@ -195,12 +195,25 @@ def residual_algebra(bridge: TransformerBridge, cache: ActivationCache) -> Itera
             stack, i = match["stack"], int(match["i"])
             stacks[stack] = max(stacks.get(stack, 0), i + 1)
     for stack, n_layers in sorted(stacks.items()):
-        layout = bridge.cfg.block_layout if stack == "blocks" else "pre_norm"
+        layout = _layout(bridge, stack)
         blocks = [_block(cache, names, f"{stack}.{i}", layout) for i in range(n_layers)]
         yield from blocks
         checked = all(r.ok is not None for r in blocks)
-        if stack == "blocks" and layout != "post_norm" and checked:
-            yield from _decomposition(cache, n_layers)
+        if _is_blocks(bridge, stack) and layout != "post_norm" and checked:
+            yield from _decomposition(cache, n_layers, stack)
+
+
+def _is_blocks(bridge: TransformerBridge, stack: str) -> bool:
+    """Whether `stack` is a list of the ``block`` kind (the text model's, an encoder's or a
+    decoder's), not, say, a vision tower's layers."""
+    from bridge_core.components.standard import BlockBridge
+
+    return isinstance(bridge.get_submodule(f"{stack}.0"), BlockBridge)
+
+
+def _layout(bridge: TransformerBridge, stack: str) -> str:
+    """The config's block layout for stacks of blocks; other stacks are pre-norm."""
+    return bridge.cfg.block_layout if _is_blocks(bridge, stack) else "pre_norm"
 
 
 def _block(cache: ActivationCache, names: set[str], prefix: str, layout: str) -> Result:
@@ -215,18 +228,10 @@ def _block(cache: ActivationCache, names: set[str], prefix: str, layout: str) ->
     hook = f"{prefix}.hook_resid_post"
     if pre is None or post is None or attn is None or mlp is None:
         return _result("residual", hook, None, "no attn_out / mlp_out aliases to add up")
-    equations: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-    if layout == "post_norm":
-        normalized = get("ln1.hook_out")
-        if mid is not None:
-            equations.append(("resid_mid = resid_pre + attn_out", mid, pre + attn))
-        if normalized is not None:
-            equations.append(("resid_post = ln1(resid_mid) + mlp_out", post, normalized + mlp))
-    elif layout == "pre_norm" and mid is not None:
-        equations.append(("resid_mid = resid_pre + attn_out", mid, pre + attn))
-        equations.append(("resid_post = resid_mid + mlp_out", post, mid + mlp))
+    if layout == "parallel" or (layout == "pre_norm" and mid is None):
+        equations = [("resid_post = resid_pre + attn_out + mlp_out", post, pre + attn + mlp)]
     else:
-        equations.append(("resid_post = resid_pre + attn_out + mlp_out", post, pre + attn + mlp))
+        equations = _chain(get, layout)
     for text, left, right in equations:
         if not _close(left, right):
             error = (left - right).abs().max().item()
@@ -234,13 +239,39 @@ def _block(cache: ActivationCache, names: set[str], prefix: str, layout: str) ->
     return _result("residual", hook, True, "; ".join(text for text, _, _ in equations))
 
 
-def _decomposition(cache: ActivationCache, n_layers: int) -> Iterator[Result]:
+Equation = tuple[str, torch.Tensor, torch.Tensor]
+
+
+def _chain(get: Callable[[str], torch.Tensor | None], layout: str) -> list[Equation]:
+    """Each stream of a block is the one before plus a sublayer's output: resid_mid after
+    attention, resid_mid_cross after cross-attention (a decoder's), resid_post after the MLP.
+    Post-norm (TransformerLens's names), a sublayer after the first reads the previous stream
+    through the norm ln{k} that follows it."""
+    sublayers = [("resid_mid", "attn_out")]
+    if get("hook_cross_attn_out") is not None and get("hook_resid_mid_cross") is not None:
+        sublayers.append(("resid_mid_cross", "cross_attn_out"))
+    sublayers.append(("resid_post", "mlp_out"))
+    equations: list[Equation] = []
+    before = "resid_pre"
+    for k, (stream, output) in enumerate(sublayers):
+        left, added, previous = get(f"hook_{stream}"), get(f"hook_{output}"), get(f"hook_{before}")
+        if layout == "post_norm" and k > 0:
+            previous, before = get(f"ln{k}.hook_out"), f"ln{k}({before})"
+        if left is not None and added is not None and previous is not None:
+            equations.append((f"{stream} = {before} + {output}", left, previous + added))
+        before = stream
+    return equations
+
+
+def _decomposition(cache: ActivationCache, n_layers: int, stack: str) -> Iterator[Result]:
+    last = f"{stack}.{n_layers - 1}.hook_resid_post"
     for layer in range(n_layers + 1):
-        hook = f"blocks.{layer}.hook_resid_pre" if layer < n_layers else "ln_final.hook_in"
+        hook = f"{stack}.{layer}.hook_resid_pre" if layer < n_layers else last
+        if stack == "blocks" and layer == n_layers:
+            hook = "ln_final.hook_in"
         try:
-            last = f"blocks.{n_layers - 1}.hook_resid_post"
-            target = cache["resid_pre", layer] if layer < n_layers else cache[last]
-            parts = cache.decompose_resid(layer=layer)
+            target = cache[hook if layer < n_layers else last]
+            parts = cache.decompose_resid(layer=layer, stack=stack)
         except Exception as exc:
             yield _result("residual", hook, False, f"decompose_resid raised {exc}")
             continue

@@ -9,7 +9,11 @@ import torch
 
 from bridge_adapters.families import FAMILIES
 from bridge_core import TransformerBridge
-from bridge_core.verify import example_inputs
+from bridge_core.support import FamilyRecord, Records, builder_path, environment
+from bridge_core.verify import VerifyReport, example_inputs
+
+REPORTS: dict[str, VerifyReport] = {}
+"""Each family's verify report, for the check of the record (see the end of this file)."""
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -39,23 +43,49 @@ def test_outputs_equal_hf_with_no_hooks_and_with_everything_cached(
 def test_run_with_cache_works_under_inference_mode(family: tuple[Any, TransformerBridge]) -> None:
     model, bridge = family
     inputs = example_inputs(bridge)
+    first = next(n for n in bridge.hook_dict if n.endswith(".attn.hook_pattern"))  # blocks.0
     with torch.inference_mode():
         expected = _logits(model(**inputs))
         logits, cache = bridge.run_with_cache(**inputs)
-        pattern = bridge.run_with_hooks(
-            **inputs, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: p * 0.5)]
-        )
+        pattern = bridge.run_with_hooks(**inputs, fwd_hooks=[(first, lambda p, hook: p * 0.5)])
     assert torch.equal(logits, expected)
-    assert cache["blocks.0.attn.hook_pattern"].is_inference()
+    assert cache[first].is_inference()
     assert not torch.equal(pattern, expected)  # an in-place-free edit is still seen
 
 
-def test_every_hook_point_verifies(family: tuple[Any, TransformerBridge]) -> None:
+def test_every_hook_point_verifies(
+    family: tuple[Any, TransformerBridge], request: pytest.FixtureRequest
+) -> None:
     _, bridge = family
-    report = bridge.verify()
+    report = REPORTS[_family_name(request)] = bridge.verify()
     assert report.ok, report.summary()
     checks = {r.check for r in report.results if r.ok}
     expected = {"fires", "shape", "observe", "identity", "causal", "heads", "pattern"}
-    assert expected - set(bridge.adapter.verify.skip) <= checks  # OLMoE skips heads, says why
+    assert expected - set(bridge.adapter.verify.skip) <= checks  # OLMoE: heads, T5: pattern
     empty = [r.hook for r in report.results if r.check == "causal" and r.ok is None]
     assert not empty, f"no value to edit on verify's inputs (an expert without tokens?): {empty}"
+
+
+# -- the verify record: what transformer-bridge architectures and docs/architectures.md say --
+
+
+def _family_name(request: pytest.FixtureRequest) -> str:
+    return str(request.node.callspec.params["family"])
+
+
+def test_the_recorded_verify_outcome_is_what_verify_finds(
+    family: tuple[Any, TransformerBridge], request: pytest.FixtureRequest
+) -> None:
+    from bridge_adapters.matrix import COMMAND, RECORD
+
+    name = _family_name(request)
+    records = Records.read(RECORD)
+    if records.environment != environment():  # e.g. `make compat`: other versions
+        pytest.skip(f"the record was made with {records.environment}, not {environment()}")
+    _, bridge = family
+    report = REPORTS.get(name) or bridge.verify()
+    found = FamilyRecord.of(builder_path(FAMILIES[name]), bridge, report)
+    assert records.families.get(name) == found, (
+        f"the verify record of family {name!r} ({RECORD.name}) is not what verify finds now: "
+        f"run `{COMMAND} {name}` (it also regenerates docs/architectures.md)"
+    )

@@ -13,8 +13,11 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     BertConfig,
     BertForMaskedLM,
+    BertModel,
     FalconConfig,
     FalconForCausalLM,
     Gemma2Config,
@@ -49,8 +52,14 @@ from transformers import (
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    RobertaConfig,
+    RobertaForMaskedLM,
     StableLmConfig,
     StableLmForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+    XLMRobertaConfig,
+    XLMRobertaModel,
 )
 
 from bridge_adapters import tiny
@@ -359,6 +368,76 @@ def tiny_stablelm() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     )
 
 
+# -- encoders and encoder-decoders ---------------------------------------------------------
+
+_ENCODER: Final[dict[str, Any]] = dict(
+    hidden_size=WIDTH,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    intermediate_size=4 * WIDTH,
+    max_position_embeddings=128,
+)
+
+
+def tiny_bert_model() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A headless BERT (BertModel, as all-MiniLM): the last hidden state is the output."""
+    return _text(BertConfig, BertModel, **_ENCODER)
+
+
+def tiny_roberta() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """RoBERTa as a masked LM: BERT's layout, positions counted from the padding index."""
+    return _text(RobertaConfig, RobertaForMaskedLM, **_ENCODER)
+
+
+def tiny_xlm_roberta_model() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A headless XLM-RoBERTa (XLMRobertaModel), with its pooler."""
+    return _text(XLMRobertaConfig, XLMRobertaModel, **_ENCODER)
+
+
+def _t5(**config: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    model, tokenizer = _text(
+        T5Config,
+        T5ForConditionalGeneration,
+        d_model=WIDTH,
+        d_kv=WIDTH // HEADS,
+        d_ff=2 * WIDTH,
+        num_layers=LAYERS,
+        num_heads=HEADS,
+        relative_attention_num_buckets=8,
+        **config,
+    )
+    # as T5's checkpoints: decoding starts at the padding token
+    model.config.decoder_start_token_id = tokenizer.pad_token_id
+    model.generation_config.decoder_start_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def tiny_t5() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """T5 as t5-small: ReLU MLP (wi, wo), tied embeddings, relative position buckets."""
+    return _t5()
+
+
+def tiny_t5_gated() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """T5 v1.1 / Flan-T5: gated-GELU MLP (wi_0, wi_1, wo), untied head."""
+    return _t5(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+
+
+def tiny_bart() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """BART: post-LayerNorm encoder and decoder, learned positions, cross-attention."""
+    return _text(
+        BartConfig,
+        BartForConditionalGeneration,
+        d_model=WIDTH,
+        encoder_layers=LAYERS,
+        decoder_layers=LAYERS,
+        encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS,
+        encoder_ffn_dim=2 * WIDTH,
+        decoder_ffn_dim=2 * WIDTH,
+        max_position_embeddings=128,
+    )
+
+
 FAMILIES: Final[dict[str, Builder]] = {
     "gpt2": tiny.tiny_gpt2,
     "llama": tiny.tiny_llama,
@@ -384,5 +463,12 @@ FAMILIES: Final[dict[str, Builder]] = {
     "qwen3": tiny_qwen3,
     "olmo2": tiny_olmo2,
     "stablelm": tiny_stablelm,
+    # encoders and encoder-decoders
+    "BertModel": tiny_bert_model,
+    "roberta": tiny_roberta,
+    "XLMRobertaModel": tiny_xlm_roberta_model,
+    "t5": tiny_t5,
+    "t5_gated": tiny_t5_gated,
+    "bart": tiny_bart,
 }
 """Builder of a tiny model per family, by name (the adapter's, or the architecture's)."""

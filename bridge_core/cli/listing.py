@@ -5,12 +5,21 @@ from __future__ import annotations
 import argparse
 import warnings
 
+from bridge_core.cli.app import UsageError
 from bridge_core.cli.render import Output
+from bridge_core.errors import did_you_mean
 from bridge_core.registry import get_registry
+from bridge_core.spec import AdapterSpec
 
 
 def setup_architectures(parser: argparse.ArgumentParser) -> None:
-    """``architectures`` takes no arguments."""
+    """``architectures [ADAPTER ...] [--verify]``."""
+    parser.add_argument("adapters", nargs="*", metavar="ADAPTER", help="only these adapters")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="verify each listed adapter's tiny models now instead of reading the record",
+    )
     parser.set_defaults(handler=cmd_architectures)
 
 
@@ -20,15 +29,53 @@ def setup_plugins(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_architectures(args: argparse.Namespace, out: Output) -> int:
-    """Each adapter: its architectures and the plugin (distribution, version) it comes from."""
+    """Each adapter: its architectures, task, source (built-in spec or plugin, with the
+    distribution) and whether verify passes on its tiny models.
+
+    The verify column reads the record the plugins ship (`bridge_core.support`): ``passed``,
+    ``FAILED``, or ``stale`` when the spec changed since; ``--verify`` runs verify on the
+    recorded tiny models now, and then exits 1 when one of them does not pass.
+    """
+    from bridge_core.support import adapter_rows, family_status, plugin_records, verify_family
+
     registry = get_registry()
-    rows = []
-    for spec in sorted(registry.adapters(), key=lambda s: s.name):
-        source = registry.adapter_source(spec.name)
-        dist = f"{source.distribution or '-'} {source.version or ''}".strip()
-        rows.append((spec.name, ", ".join(spec.architectures), source.name, dist))
-    out.table("Adapters", ("adapter", "architectures", "plugin", "distribution"), rows)
-    return 0
+    records = plugin_records(registry)
+    rows = adapter_rows(registry, records)
+    if args.adapters:
+        known = [row.spec.name for row in rows]
+        for name in args.adapters:
+            if name not in known:  # a usage error: exit 2
+                raise UsageError(
+                    f"no adapter is named {name!r}.{did_you_mean(name, known)} "
+                    f"Known adapters: {', '.join(known)}"
+                )
+        rows = [row for row in rows if row.spec.name in args.adapters]
+    table, failed = [], False
+    for row in rows:
+        statuses = row.statuses
+        if args.verify:
+            for family, record in row.families.items():
+                out.line(f"verifying {family} ({record.builder}) ...")
+                statuses[family] = family_status(verify_family(record.builder), row.spec)
+            failed = failed or any(not s.startswith("passed") for s in statuses.values())
+        verified = "; ".join(f"{f}: {s}" for f, s in statuses.items()) or row.verified
+        table.append(
+            (
+                row.spec.name,
+                ", ".join(row.spec.architectures),
+                _task(row.spec),
+                f"{row.source} ({row.distribution})",
+                verified,
+            )
+        )
+    out.table("Adapters", ("adapter", "architectures", "task", "source", "verify"), table)
+    return int(failed)
+
+
+def _task(spec: AdapterSpec) -> str:
+    from bridge_core.loading import task_for
+
+    return task_for(spec) or "-"
 
 
 def cmd_plugins(args: argparse.Namespace, out: Output) -> int:

@@ -213,7 +213,7 @@ def model_inputs(
         UsageError: an image was given but the model takes none.
     """
     if image is None:
-        return prompt, bridge.prepare_inputs(prompt)
+        return prompt, decoder_start(bridge, bridge.prepare_inputs(prompt))
     if not takes_images(bridge):
         raise UsageError(
             f"--image: {bridge.cfg.model_name or 'this model'} takes no images (no image "
@@ -221,6 +221,21 @@ def model_inputs(
         )
     text = with_image_token(bridge.processor, prompt)
     return text, bridge.prepare_inputs(text, images=[image])
+
+
+def decoder_start(bridge: TransformerBridge, inputs: dict[str, Any]) -> dict[str, Any]:
+    """An encoder-decoder's inputs with the decoder's first token, as `generate` starts it."""
+    model = bridge.original_model
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False) or "decoder_input_ids" in inputs:
+        return inputs
+    generation = getattr(model, "generation_config", None)
+    start = getattr(generation, "decoder_start_token_id", None)
+    start = start if start is not None else getattr(config, "decoder_start_token_id", None)
+    ids = inputs.get("input_ids")
+    if start is None or not isinstance(ids, torch.Tensor):
+        return inputs
+    return {**inputs, "decoder_input_ids": torch.full_like(ids[:, :1], int(start))}
 
 
 def inputs_for(
