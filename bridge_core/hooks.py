@@ -168,7 +168,7 @@ class OutputTap:
 
     def attach(self, run: Run) -> Handle:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            tensor = first_tensor(output)
+            tensor = output if type(output) is torch.Tensor else first_tensor(output)
             new = run(tensor)
             return None if new is tensor else replace_first(output, new)
 
@@ -368,13 +368,15 @@ class HookPoint(nn.Module):
         if owner is not None and owner is not self.owner:
             return x  # another bridge's forward over the same HF model
         scopes = _SCOPES.get()
-        for hook in list(self._fwd):
+        for hook in self._fwd[:]:
             if hook.scope is not None and hook.scope not in scopes:
                 continue  # a scoped hook of another thread or call
             result = hook.fn(x, hook=self)
             if result is not None:
                 self._check(result, x, hook.fn)
                 x = result
+        if not self._bwd:
+            return x
         backward = [h for h in self._bwd if h.scope is None or h.scope in scopes]
         if backward and x.requires_grad:
             # a fresh view that the forward goes on with: views the taps make (heads, slices,
