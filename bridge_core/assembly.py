@@ -75,6 +75,7 @@ class Assembler:
                     component.size(spec.options[option], f"options.{option}")
             component.set_original_component(module)
             _apply_hook_specs(component, spec, module, self.model)
+            component.hooks_bound()
         except (KeyError, ValueError, AttributeError, TypeError, BridgeError) as exc:
             if isinstance(exc, SpecError):
                 raise
@@ -155,8 +156,9 @@ def _apply_hook_specs(
     component: GeneralizedComponent, spec: ComponentSpec, module: nn.Module, model: nn.Module
 ) -> None:
     """The spec's per-component hook settings: taps, removals, calls, collection, shapes."""
+    aliases = type(component).hook_aliases  # components resolve them as attributes too
     for attr, tap in spec.hooks.items():
-        point = getattr(component, attr, None)
+        point = None if attr in aliases else getattr(component, attr, None)
         if point is None:
             point = HookPoint()
             setattr(component, attr, point)
@@ -186,11 +188,12 @@ def _remove(component: GeneralizedComponent, name: str) -> None:
         owner = component.get_submodule(owner_path) if owner_path else component
     except AttributeError:
         owner = None
+    # aliases first: components resolve them as attributes too (blocks[0].hook_resid_mid)
     point = getattr(owner, attr, None) if owner is not None else None
-    if isinstance(point, HookPoint):
-        point._tap = None  # unbound points are not named, so they do not exist
-    elif name in component.hook_aliases:
+    if name in component.hook_aliases:
         component.removed_aliases.add(name)
+    elif isinstance(point, HookPoint):
+        point._tap = None  # unbound points are not named, so they do not exist
     else:
         known = [n for n, _ in component.own_hook_points()] + list(component.hook_aliases)
         raise ValueError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -209,6 +210,7 @@ class _Hook:
     fn: HookFn
     permanent: bool
     scope: object | None = None  # runs only while this scope is open in the running context
+    level: int | None = None  # the `hooks()` nesting level it was added at
 
 
 @dataclass(eq=False, slots=True)
@@ -225,6 +227,54 @@ class HookHandle:
         if not self.removed:
             self.removed = True
             self.point._discard(self.hook, self.direction)
+
+    @property
+    def is_permanent(self) -> bool:
+        """Whether `reset_hooks()` keeps this hook (TransformerLens's `LensHandle` field)."""
+        return self.hook.permanent
+
+    @property
+    def user_hook(self) -> HookFn:
+        """The hook function as it was added."""
+        return self.hook.fn
+
+    @property
+    def context_level(self) -> int | None:
+        """The `hooks()` nesting level the hook was added at, or None."""
+        return self.hook.level
+
+
+class _HasHooks:
+    """`HookPoint.has_hooks`: TransformerLens's method, still usable as the old property.
+
+    ``point.has_hooks(dir="both", including_permanent=True, level=None)`` is the method;
+    ``if point.has_hooks:`` (the property this used to be) still works, with a
+    DeprecationWarning.
+    """
+
+    __slots__ = ("point",)
+
+    def __init__(self, point: HookPoint) -> None:
+        self.point = point
+
+    def __call__(
+        self,
+        dir: Literal["fwd", "bwd", "both"] = "both",
+        including_permanent: bool = True,
+        level: int | None = None,
+    ) -> bool:
+        return bool(self.point._matching(dir, including_permanent, level))
+
+    def __bool__(self) -> bool:
+        warnings.warn(
+            "HookPoint.has_hooks is a method, as in TransformerLens: call has_hooks()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return bool(self.point._fwd or self.point._bwd)
+
+    def __repr__(self) -> str:
+        return f"<has_hooks of {self.point.name!r}: {bool(self.point._fwd or self.point._bwd)}>"
 
 
 class HookPoint(nn.Module):
@@ -288,12 +338,17 @@ class HookPoint(nn.Module):
         is_permanent: bool = False,
         prepend: bool = False,
         scope: object | None = None,
+        level: int | None = None,
     ) -> HookHandle:
         """Add `fn` as a forward (`dir="fwd"`) or backward (`dir="bwd"`) hook.
+
+        A backward hook may return the gradient, ``(gradient,)`` (as PyTorch's module hooks
+        do) or None.
 
         Args:
             scope: a token from `scope()`: the hook then runs only in forwards of a context
                 where that scope is open (None: in every forward).
+            level: the `hooks()` nesting level (TransformerLens's), for `remove_hooks`.
 
         Returns:
             A handle whose `remove()` takes this one hook away again.
@@ -313,7 +368,7 @@ class HookPoint(nn.Module):
                 "every forward it is used in); switch it on first, e.g. "
                 "bridge.set_use_attn_result(True) for attn.hook_result"
             )
-        hook = _Hook(fn, is_permanent, scope)
+        hook = _Hook(fn, is_permanent, scope, level)
         with self._lock:
             if self._attached is None:  # attach first: if the tap refuses, nothing is left
                 self._attached = self._tap.attach(self._run)
@@ -322,25 +377,56 @@ class HookPoint(nn.Module):
             hooks.insert(0, hook) if prepend else hooks.append(hook)
         return HookHandle(self, hook, dir)
 
+    def add_perma_hook(self, fn: HookFn, dir: Direction = "fwd") -> HookHandle:
+        """Add a hook that `remove_hooks()` keeps unless ``including_permanent=True``."""
+        return self.add_hook(fn, dir, is_permanent=True)
+
     def remove_hooks(
-        self, dir: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = False
+        self,
+        dir: Literal["fwd", "bwd", "both"] = "both",
+        including_permanent: bool = False,
+        level: int | None = None,
     ) -> None:
-        """Remove this point's hooks in direction `dir` (permanent ones only if asked)."""
+        """Remove this point's hooks in direction `dir` (permanent ones only if asked; only
+        those added at `hooks()` nesting `level`, if given)."""
+        for direction, hook in self._matching(dir, including_permanent, level):
+            self._discard(hook, direction)
+
+    def _matching(
+        self, dir: str, including_permanent: bool, level: int | None
+    ) -> list[tuple[Direction, _Hook]]:
+        if dir not in ("fwd", "bwd", "both"):
+            raise InputError(f"hook direction must be 'fwd', 'bwd' or 'both', got {dir!r}")
+        found: list[tuple[Direction, _Hook]] = []
         directions: tuple[Direction, ...] = ("fwd", "bwd")
         for direction in directions:
             if dir in (direction, "both"):
                 for hook in list(self._fwd if direction == "fwd" else self._bwd):
-                    if including_permanent or not hook.permanent:
-                        self._discard(hook, direction)
+                    if (including_permanent or not hook.permanent) and (
+                        level is None or hook.level == level
+                    ):
+                        found.append((direction, hook))
+        return found
+
+    @property
+    def fwd_hooks(self) -> list[HookHandle]:
+        """Handles of the forward hooks, in the order they run (TransformerLens's attribute)."""
+        return [HookHandle(self, hook, "fwd") for hook in self._fwd]
+
+    @property
+    def bwd_hooks(self) -> list[HookHandle]:
+        """Handles of the backward hooks."""
+        return [HookHandle(self, hook, "bwd") for hook in self._bwd]
 
     def clear_context(self) -> None:
         """Forget what hooks stored in `hook.ctx`."""
         self.ctx.clear()
 
     @property
-    def has_hooks(self) -> bool:
-        """Whether any forward or backward hook is attached."""
-        return bool(self._fwd or self._bwd)
+    def has_hooks(self) -> _HasHooks:
+        """``has_hooks(dir="both", including_permanent=True, level=None)``: whether hooks are
+        attached (TransformerLens's method; ``if point.has_hooks:`` still works, deprecated)."""
+        return _HasHooks(self)
 
     def layer(self) -> int:
         """The layer index in this hook point's name (``blocks.3.attn.hook_q`` -> 3)."""
@@ -358,7 +444,7 @@ class HookPoint(nn.Module):
             hooks = self._fwd if direction == "fwd" else self._bwd
             if hook in hooks:
                 hooks.remove(hook)
-            if not self.has_hooks and self._attached is not None:
+            if not (self._fwd or self._bwd) and self._attached is not None:
                 self._attached.remove()
                 self._attached = None
                 _count(self.owner, -1)
@@ -414,6 +500,8 @@ def _count(owner: object | None, change: int) -> None:
 def _grad_hook(fn: HookFn, point: HookPoint) -> Callable[[torch.Tensor], torch.Tensor | None]:
     def on_grad(grad: torch.Tensor) -> torch.Tensor | None:
         result = fn(grad, hook=point)
+        if isinstance(result, tuple) and len(result) == 1:  # PyTorch's (grad,) convention
+            result = result[0]
         if result is not None:
             point._check(result, grad, fn)
         return result

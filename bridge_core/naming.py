@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, KeysView, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +14,50 @@ PAIRS_ACCEPTED = (
     "a list of (hook name or filter, hook function) pairs, e.g. "
     "[('blocks.0.hook_resid_pre', fn)]; a filter is a list of names or a callable name -> bool"
 )
+
+
+class NameKeys(KeysView[str]):
+    """Canonical names (iteration, ``len``) whose membership test also accepts aliases."""
+
+    def __init__(self, mapping: Mapping[str, Any], accepts: Callable[[object], bool]) -> None:
+        super().__init__(mapping)
+        self._accepts = accepts
+
+    def __contains__(self, key: object) -> bool:
+        return self._accepts(key)
+
+
+class HookDict(dict[str, HookPoint]):
+    """Hook points by canonical name that also answer to their aliases.
+
+    Iteration, ``keys()``, ``len()`` are the canonical names (each hook point once);
+    ``d[alias]``, ``alias in d`` and ``d.get(alias)`` find the aliased hook point, as
+    TransformerLens's ``hook_dict`` finds its names.
+    """
+
+    def __init__(self, points: dict[str, HookPoint], aliases: dict[str, str]) -> None:
+        super().__init__(points)
+        self.aliases = aliases
+
+    def __missing__(self, key: str) -> HookPoint:
+        target = self.aliases.get(key) if isinstance(key, str) else None
+        if target is None:
+            known = [*self, *self.aliases]
+            raise HookNameError(f"unknown hook name {key!r}.{did_you_mean(str(key), known)}")
+        return dict.__getitem__(self, target)
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or (isinstance(key, str) and key in self.aliases)
+
+    def keys(self) -> NameKeys:  # type: ignore[override]  # a KeysView that accepts aliases
+        """The canonical names; ``alias in d.keys()`` is true too."""
+        return NameKeys(self, self.__contains__)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The hook point named `key` (canonical or alias), or `default`."""
+        if key in self:
+            return self[key]
+        return default
 
 
 @dataclass

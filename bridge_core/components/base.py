@@ -81,6 +81,23 @@ class GeneralizedComponent(nn.Module):
         for key, child in (submodules or {}).items():
             self.add_module(key, child)
 
+    def __getattr__(self, name: str) -> Any:
+        """Children and hook points (nn.Module's lookup), then this kind's hook aliases:
+        ``bridge.blocks[0].hook_resid_post`` is ``bridge.blocks[0].hook_out``."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            target = type(self).hook_aliases.get(name)
+            if target is None or name in self.__dict__.get("removed_aliases", ()):
+                raise
+            try:
+                return self.get_submodule(target)
+            except AttributeError:
+                raise AttributeError(
+                    f"{type(self).__name__} {self.name!r} has no {name!r}: its target "
+                    f"{target!r} does not exist in this component"
+                ) from None
+
     def set_original_component(self, module: nn.Module) -> None:
         """Attach this component to the HF module it bridges and bind its hook points."""
         object.__setattr__(self, "original_component", module)
@@ -94,6 +111,10 @@ class GeneralizedComponent(nn.Module):
 
     def bind(self, module: nn.Module) -> None:
         """Bind the internal hook points of this kind of component to `module`'s parts."""
+
+    def hooks_bound(self) -> None:
+        """Called once the spec's hook settings (taps, shapes, removals) are applied; a kind
+        whose points derive from others (a norm's scale from its input) adjusts them here."""
 
     def own_hook_points(self) -> list[tuple[str, HookPoint]]:
         """This component's bound hook points (not its children's), ``hook_out`` last."""
