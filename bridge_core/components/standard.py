@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from bridge_core.attention import PatternTap, ResultTap
 from bridge_core.components.base import GeneralizedComponent, Shape
 from bridge_core.components.moe import MoEBridge
+from bridge_core.errors import BridgeError
 from bridge_core.hooks import HookPoint, InputTap, OutputTap, Tap
+from bridge_core.normalization import NormTap, norm_math
 from bridge_core.views import Flatten, Reshape, Split, ViewTap
+from bridge_core.weights import (
+    AttentionWeights,
+    MLPWeights,
+    Projection,
+    in_out,
+    zeros_bias,
+)
 
 RESID: Shape = ("batch", "pos", "d_model")
 HEADS: Shape = ("batch", "pos", "n_heads", "d_head")
@@ -28,12 +38,83 @@ class EmbeddingBridge(GeneralizedComponent):
     input_arg: ClassVar[str] = "input"  # nn.Embedding.forward(input)
     hook_shapes: ClassVar[dict[str, Shape]] = {"hook_in": ("batch", "pos"), "hook_out": RESID}
 
+    @property
+    def W_E(self) -> torch.Tensor:
+        """The embedding matrix ``[d_vocab, d_model]`` (the HF parameter itself)."""
+        return _parameter(self, "weight")
+
+    @property
+    def W_pos(self) -> torch.Tensor:
+        """The same matrix under TransformerLens's name for position embeddings, ``[n_ctx,
+        d_model]``."""
+        return _parameter(self, "weight")
+
 
 class NormalizationBridge(GeneralizedComponent):
-    """LayerNorm / RMSNorm; ``hook_normalized`` is its output, as in TransformerLens."""
+    """LayerNorm / RMSNorm, with TransformerLens's ``hook_scale`` and ``hook_normalized``.
 
-    hook_aliases: ClassVar[dict[str, str]] = {"hook_normalized": "hook_out"}
-    hook_shapes: ClassVar[dict[str, Shape]] = {"hook_in": RESID, "hook_out": RESID}
+    ``hook_scale`` is the divisor ``[batch, pos, 1]`` and ``hook_normalized`` the normalized
+    input before the norm's weight and bias; ``hook_out`` is the norm's output. Both are
+    computed from the norm's input while hooked (`bridge_core.normalization`): options
+    ``norm`` ("LN" / "RMS"; by default LN for ``nn.LayerNorm`` or a norm with a bias, else
+    the config's ``normalization_type``), ``eps`` and ``weight_offset`` (1 for norms that
+    multiply by ``1 + weight``) say how, where the module does not.
+    """
+
+    internal_hooks = ("hook_scale", "hook_normalized")
+    hook_shapes: ClassVar[dict[str, Shape]] = {
+        "hook_in": RESID,
+        "hook_scale": ("batch", "pos", 1),
+        "hook_normalized": RESID,
+        "hook_out": RESID,
+    }
+    hook_scale: HookPoint
+    hook_normalized: HookPoint
+
+    def bind(self, module: nn.Module) -> None:
+        math = norm_math(module, self.options, self.config)
+        self.hook_scale.bind(NormTap(module, "scale", math))
+        self.hook_normalized.bind(NormTap(module, "normalized", math))
+        self.hook_out._tap = None  # the output goes through the same hook, after the two
+        self.hook_out.bind(NormTap(module, "out", math))
+
+    def hooks_bound(self) -> None:
+        """A spec that shows the norm's input through a view (per-head q/k norms transposed,
+        OPT's flattened tokens) shows the scale and the normalized input through it too, and
+        its output through the norm's own hook; their documented shapes follow the input's."""
+        module = self.original_component
+        tap_in, tap_out = self.hook_in._tap, self.hook_out._tap
+        if isinstance(tap_in, ViewTap):
+            for point in (self.hook_scale, self.hook_normalized):
+                if isinstance(point._tap, NormTap):
+                    inner, point._tap = point._tap, None
+                    point.bind(ViewTap(inner, tap_in.steps))
+        if (
+            isinstance(tap_out, ViewTap)
+            and isinstance(tap_out.inner, OutputTap)
+            and tap_out.inner.module is module
+            and isinstance(self.hook_normalized._tap, ViewTap | NormTap)
+        ):
+            math = norm_math(tap_out.inner.module, self.options, self.config)
+            self.hook_out._tap = None
+            self.hook_out.bind(ViewTap(NormTap(tap_out.inner.module, "out", math), tap_out.steps))
+        shape = self.hook_in.shape
+        if shape is not None and shape != RESID:
+            self.hook_normalized.shape = shape
+            self.hook_scale.shape = (*shape[:-1], 1)
+
+    @property
+    def w(self) -> torch.Tensor:
+        """The norm's weight ``[d_model]`` (TransformerLens's name)."""
+        return _parameter(self, "weight")
+
+    @property
+    def b(self) -> torch.Tensor:
+        """The norm's bias ``[d_model]`` (zeros, linked, for a norm without one)."""
+        bias = getattr(self.original_component, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            return bias
+        return zeros_bias(tuple(self.w.shape), self.w, f"{self.name}.b")
 
 
 class UnembeddingBridge(GeneralizedComponent):
@@ -43,6 +124,19 @@ class UnembeddingBridge(GeneralizedComponent):
         "hook_in": RESID,
         "hook_out": ("batch", "pos", "d_vocab"),
     }
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """The unembedding ``[d_model, d_vocab]`` (a view of the LM head's weight)."""
+        return in_out(_module(self))
+
+    @property
+    def b_U(self) -> torch.Tensor:
+        """``[d_vocab]`` (zeros, linked, for an LM head without bias)."""
+        bias = getattr(_module(self), "bias", None)
+        if isinstance(bias, torch.Tensor):
+            return bias
+        return zeros_bias((self.W_U.shape[-1],), self.W_U, f"{self.name}.b_U")
 
 
 class BlockBridge(GeneralizedComponent):
@@ -71,7 +165,7 @@ class BlockBridge(GeneralizedComponent):
             self.removed_aliases.add("hook_resid_mid")
 
 
-class _AttentionHooks(GeneralizedComponent):
+class _AttentionHooks(AttentionWeights, GeneralizedComponent):
     """Shared part of the attention kinds: per-head q/k/v/z, rotated q/k, scores, pattern.
 
     Options: ``o`` (the output projection), ``kernel`` (the submodule that calls the
@@ -128,6 +222,10 @@ class _AttentionHooks(GeneralizedComponent):
             if isinstance(value, int):
                 return value
         raise ValueError(f"cannot tell the head size of {self.name!r}; set options.head_dim")
+
+    def head_size(self) -> int:
+        """The head size of the bridged module."""
+        return self.d_head(_module(self))
 
     def kernel(self, module: nn.Module) -> nn.Module:
         """The submodule that calls the attention kernel (option ``kernel``, else `module`)."""
@@ -194,6 +292,10 @@ class AttentionBridge(_AttentionHooks):
         q, k, v = (_heads(OutputTap(self.part(module, n)), d_head) for n in ("q", "k", "v"))
         self.bind_heads(module, q, k, v)
 
+    def projection(self, which: str) -> Projection:
+        """The projection module named by option `which` (``q``, ``k``, ``v`` or ``o``)."""
+        return Projection(self.part(_module(self), which))
+
 
 class JointQKVAttentionBridge(_AttentionHooks):
     """Attention with one fused qkv projection (options ``qkv``, ``o``, ``split``, ``layout``).
@@ -247,6 +349,26 @@ class JointQKVAttentionBridge(_AttentionHooks):
         k, v = (ViewTap(fused, (per_group, Split(sizes, i))) for i in (1, 2))
         return q, k, v
 
+    def projection(self, which: str) -> Projection:
+        """``o``, or the part of the fused qkv projection that is ``q``, ``k`` or ``v``."""
+        module = _module(self)
+        if which == "o":
+            return Projection(self.part(module, "o"))
+        index = "qkv".index(which)
+        fused = self.part(module, "qkv")
+        layout = self.options.get("layout", "split")
+        d_head = self.d_head(module)
+        if layout == "per_head":
+            n_heads = _out_features(fused) // (3 * d_head)
+            return Projection(fused, blocks=(n_heads, index * d_head, d_head))
+        if layout == "grouped":
+            groups = self.size("n_key_value_heads", "options.layout")
+            group = _out_features(fused) // groups
+            sizes = (group - 2 * d_head, d_head, d_head)
+            return Projection(fused, blocks=(groups, sum(sizes[:index]), sizes[index]))
+        sizes = self._split_sizes(module)
+        return Projection(fused, part=(sum(sizes[:index]), sizes[index]))
+
     def _split_sizes(self, module: nn.Module) -> tuple[int, int, int]:
         given = self.options.get("split")
         if given is None:
@@ -258,7 +380,7 @@ class JointQKVAttentionBridge(_AttentionHooks):
         return q, k, v
 
 
-class MLPBridge(GeneralizedComponent):
+class MLPBridge(MLPWeights, GeneralizedComponent):
     """MLP: plain (options ``in``, ``out``), gated (``gate``, ``up``, ``out``) or fused gated
     (``gate_up``, whose output is ``[gate | up]``, and ``out``, as Phi-3).
 
@@ -297,6 +419,20 @@ class MLPBridge(GeneralizedComponent):
         if "up" in self.options:
             self.hook_pre_linear.bind(OutputTap(self.part(module, "up")))
 
+    def projection(self, which: str) -> Projection | None:
+        """``in`` (the up projection of a gated MLP), ``gate`` (None without) or ``out``."""
+        module = _module(self)
+        if "gate_up" in self.options:
+            fused = self.part(module, "gate_up")
+            half = _out_features(fused) // 2
+            parts = {"gate": (0, half), "in": (half, half)}
+            if which in parts:
+                return Projection(fused, part=parts[which])
+        option = {"in": "up" if "up" in self.options else "in"}.get(which, which)
+        if option not in self.options:
+            return None
+        return Projection(self.part(module, option))
+
     def dims(self) -> dict[str, int | None]:
         """The hidden width from the output projection's input where it tells."""
         values = super().dims()
@@ -306,6 +442,20 @@ class MLPBridge(GeneralizedComponent):
         if isinstance(width, int):
             values["d_mlp"] = width
         return values
+
+
+def _module(component: GeneralizedComponent) -> nn.Module:
+    module = component.original_component
+    if module is None:
+        raise RuntimeError(f"component {component.name!r} is not attached to an HF module")
+    return module
+
+
+def _parameter(component: GeneralizedComponent, name: str) -> torch.Tensor:
+    value = getattr(_module(component), name, None)
+    if not isinstance(value, torch.Tensor):
+        raise BridgeError(f"{component.name}: {type(_module(component)).__name__} has no {name}")
+    return value
 
 
 def _out_features(module: nn.Module) -> int:

@@ -190,10 +190,16 @@ class CLIPVisionEncoderBridge(PartsComponent):
         """Bind ``hook_out`` to the tower's last hidden state (see `TowerOutputTap`)."""
         self.hook_out.bind(TowerOutputTap(module))
         post = self.get_submodule("post_layernorm")
-        for attr in ("hook_in", "hook_out"):  # it normalizes the pooled CLS token only
-            point = getattr(post, attr)
+        pooled: dict[str, Shape] = {  # it normalizes the pooled CLS token only
+            "hook_in": ("batch", "d_model"),
+            "hook_scale": ("batch", 1),
+            "hook_normalized": ("batch", "d_model"),
+            "hook_out": ("batch", "d_model"),
+        }
+        for attr, shape in pooled.items():
+            point = getattr(post, attr, None)
             if isinstance(point, HookPoint):
-                point.shape = ("batch", "d_model")
+                point.shape = shape
 
     def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Run the tower on ``[batch, channels, height, width]`` images.
