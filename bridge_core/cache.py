@@ -9,17 +9,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from bridge_core import slices
+from bridge_core.cache_analysis import TransformerLensAnalyses
 from bridge_core.errors import HookNameError, InputError, did_you_mean
+from bridge_core.naming import NameKeys
 
 if TYPE_CHECKING:
     from bridge_core.bridge import TransformerBridge
     from bridge_core.multimodal import ImageLayout
 
-PosSlice = int | slice | list[int] | torch.Tensor | None
+PosSlice = slices.SliceInput
 
 _ATTN = {"q", "k", "v", "z", "pattern", "attn_scores", "rot_q", "rot_k", "result"}
 _MLP = {"pre", "post", "pre_linear"}
-_NORM = {"normalized"}
+_NORM = {"normalized", "scale"}
 _SHORT = {"a": "attn", "m": "mlp", "attention": "attn"}
 
 
@@ -50,7 +53,7 @@ def act_name(
     return f"{stack}.{layer}.hook_{name}"
 
 
-class ActivationCache:
+class ActivationCache(TransformerLensAnalyses):
     """Activations by canonical hook name; aliases and ``cache["resid_pre", 3]`` also work.
 
     An aliased activation is stored once, under its canonical name. A hook point that fired
@@ -185,8 +188,9 @@ class ActivationCache:
         return len(self.cache_dict)
 
     def keys(self) -> KeysView[str]:
-        """Canonical names of the cached activations."""
-        return self.cache_dict.keys()
+        """Canonical names of the cached activations (TransformerLens names are in it too:
+        ``"blocks.0.hook_resid_pre" in cache.keys()``, while each activation is listed once)."""
+        return NameKeys(self.cache_dict, self.__contains__)
 
     def values(self) -> ValuesView[torch.Tensor]:
         """The cached tensors."""
@@ -319,7 +323,7 @@ class ActivationCache:
             raise InputError(f"mode must be 'all', 'attn' or 'mlp' (got {mode!r})")
         layers = _Stack.of(self, stack)
         n_layers = layers.n_layers
-        layer = n_layers if layer is None else layer
+        layer = n_layers if layer is None else layer % (n_layers + 1)  # -1: all, as TL
         terms = _embed_terms(self, layers) if incl_embeds else []
         for i in range(layer + int(mlp_input and layer < n_layers)):
             if mode in ("all", "attn"):
@@ -424,13 +428,13 @@ class _Stack:
         ``layer_norm2``). Norms of a sublayer's output (``ln1_post``, ``ln2_post``) never read
         the stream.
         """
-        prefix, aliases = f"{self.path}.{layer}.", self.cache.model._names.aliases
+        prefix, names = f"{self.path}.{layer}.", self.cache.model._names
         found = [
-            alias.removesuffix(".hook_normalized")
-            for alias in aliases
-            if alias.startswith(prefix)
-            and alias.endswith(".hook_normalized")
-            and alias[len(prefix) :].count(".") == 1
+            name.removesuffix(".hook_normalized")
+            for name in [*names.points, *names.aliases]  # a norm's point (an alias in plugins)
+            if name.startswith(prefix)
+            and name.endswith(".hook_normalized")
+            and name[len(prefix) :].count(".") == 1
         ]
         conventional = [f"{prefix}ln1", f"{prefix}ln2", f"{prefix}ln3"]  # ln3: a decoder's MLP
         if any(name in found for name in conventional):
@@ -537,9 +541,6 @@ def _module(model: nn.Module, path: str) -> nn.Module | None:
 
 
 def _slice_pos(x: torch.Tensor, pos_slice: PosSlice) -> torch.Tensor:
-    """Index the position dimension (second to last) of `x`."""
-    if pos_slice is None:
-        return x
-    if isinstance(pos_slice, int):
-        return x[..., pos_slice : pos_slice + 1 if pos_slice != -1 else None, :]
-    return x[..., pos_slice, :]
+    """Index the position dimension (second to last) of `x` with a TransformerLens slice
+    input (`bridge_core.slices`: an int drops the dimension)."""
+    return slices.apply(x, pos_slice, -2)
