@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import torch
 from torch import nn
 
-from bridge_core import tokens
+from bridge_core import forward_options, tokens
 from bridge_core.cache import ActivationCache
 from bridge_core.components.base import GeneralizedComponent
 from bridge_core.errors import BridgeError, HookNameError, InputError, SpecError, did_you_mean
-from bridge_core.hooks import HookFn, HookHandle, HookPoint, running
-from bridge_core.hooks import scope as hook_scope
-from bridge_core.naming import HookNames, NamesFilter
+from bridge_core.hooked_root import HookedRoot, slice_store
+from bridge_core.hooked_root import HookSpec as HookSpec  # re-exported for callers
+from bridge_core.hooks import running
+from bridge_core.model_weights import ModelWeights
+from bridge_core.naming import HookDict, HookNames, NamesFilter
 from bridge_core.recording import Recorder
+from bridge_core.saes import SAEMixin
+from bridge_core.slices import SliceInput
+from bridge_core.text import TextMixin
 
 if TYPE_CHECKING:  # pydantic-backed: imported by the first wrap/boot, not with the package
     from bridge_core.config import TransformerBridgeConfig
@@ -28,12 +32,11 @@ if TYPE_CHECKING:  # pydantic-backed: imported by the first wrap/boot, not with 
     from bridge_core.spec import AdapterSpec
     from bridge_core.verify import VerifyReport
 
-HookSpec = tuple[str | Callable[[str], bool], HookFn]
 ReturnType = Literal["logits", "loss", "both", "raw"] | None
 AdapterArg: TypeAlias = "str | Path | AdapterSpec | None"
 
 
-class TransformerBridge(nn.Module):
+class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module):
     """An HF model wrapped with named hook points; its outputs are the HF model's.
 
     Build one with `boot` (hub id or local path) or `wrap` (a model in memory).
@@ -50,26 +53,34 @@ class TransformerBridge(nn.Module):
         registry: Registry | None = None,
     ) -> None:
         """Build the component tree of `adapter` over `model` (use `boot`/`wrap` instead)."""
-        from bridge_core.assembly import Assembler, collect_names
-        from bridge_core.registry import get_registry
-
         super().__init__()
-        self.original_model = model
         self.adapter = adapter
         self.cfg = cfg
         self._processor = processor
         self._tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(processor)
         self._text_loader: Callable[[], tuple[Any, Any]] | None = None
-        built = Assembler(adapter, model, cfg, registry or get_registry()).build()
+        self.compatibility_mode = False
+        self.assemble(model, registry)
+
+    def assemble(self, model: nn.Module, registry: Registry | None = None) -> None:
+        """Bridge `model`: build the adapter's component tree over it (replacing any before).
+
+        `enable_compatibility_mode` uses it to move the bridge onto a processed copy.
+        """
+        from bridge_core.assembly import Assembler, collect_names
+        from bridge_core.registry import get_registry
+
+        built = Assembler(self.adapter, model, self.cfg, registry or get_registry()).build()
         for name in built:
             if hasattr(TransformerBridge, name) or name in ("original_model", "adapter", "cfg"):
                 raise SpecError(
-                    f"adapter spec {adapter.name!r} (model {type(model).__name__}): component "
-                    f"name {name!r} is taken by a TransformerBridge attribute"
+                    f"adapter spec {self.adapter.name!r} (model {type(model).__name__}): "
+                    f"component name {name!r} is taken by a TransformerBridge attribute"
                 )
+        self.original_model = model
         self.attached_points = 0
         """How many hook points have a hook (and their tap) attached right now."""
-        self._names: HookNames = collect_names(built, adapter)
+        self._names: HookNames = collect_names(built, self.adapter)
         for point in self._names.points.values():
             point.owner = self  # silent in the forwards of other bridges over the same model
         for name, component in built.items():
@@ -127,6 +138,36 @@ class TransformerBridge(nn.Module):
         )
         return cls(model, spec, cfg, tokenizer, processor, registry)
 
+    def enable_compatibility_mode(
+        self,
+        disable_warnings: bool = False,
+        no_processing: bool = False,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        fold_value_biases: bool = True,
+        refactor_factored_attn_matrices: bool = False,
+    ) -> TransformerBridge:
+        """Process the weights as ``HookedTransformer.from_pretrained`` does, on a copy of the
+        HF model that the bridge then runs (the model you wrapped is left as it was); see
+        `bridge_core.compat`. `disable_warnings` is accepted for TransformerLens code.
+
+        Returns:
+            The bridge itself.
+        """
+        from bridge_core.compat import enable_compatibility_mode
+
+        enable_compatibility_mode(
+            self,
+            no_processing,
+            fold_ln,
+            center_writing_weights,
+            center_unembed,
+            fold_value_biases,
+            refactor_factored_attn_matrices,
+        )
+        return self
+
     def set_text_loader(self, loader: Callable[[], tuple[Any, Any]]) -> None:
         """Load (tokenizer, processor) with `loader` when first needed (used by `boot`)."""
         self._text_loader = loader
@@ -161,9 +202,21 @@ class TransformerBridge(nn.Module):
     # -- names and components ------------------------------------------------------------
 
     @property
-    def hook_dict(self) -> dict[str, HookPoint]:
-        """Every hook point by canonical name, in forward order."""
-        return dict(self._names.points)
+    def hook_dict(self) -> HookDict:
+        """Every hook point by canonical name, in forward order; aliases find them too
+        (``hook_dict["blocks.0.hook_resid_pre"]``), while iteration gives each point once."""
+        return HookDict(self._names.points, self._names.aliases)
+
+    def __getattr__(self, name: str) -> Any:
+        """Components and hook points (nn.Module's lookup), then hook aliases of the whole
+        model (``bridge.hook_embed``), as attributes of a HookedTransformer."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            names = self.__dict__.get("_names")
+            if names is not None and name in names.aliases:
+                return names.points[names.aliases[name]]
+            raise
 
     def hook_names(self) -> list[str]:
         """Canonical hook names, then aliases."""
@@ -202,45 +255,78 @@ class TransformerBridge(nn.Module):
     def forward(
         self,
         input: tokens.TextInput | torch.Tensor | None = None,
-        *args: Any,
         return_type: ReturnType = "logits",
-        images: Any = None,
+        loss_per_token: bool = False,
         prepend_bos: bool | None = None,
         padding_side: str | None = None,
+        start_at_layer: int | None = None,
+        tokens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        stop_at_layer: int | None = None,
+        *,
+        images: Any = None,
         **kwargs: Any,
     ) -> Any:
-        """Run the HF model; any HF forward keyword passes through unchanged.
+        """Run the HF model; HookedTransformer's keywords and the HF model's keywords work.
 
         Args:
             input: text (tokenized for you, with `images` through the processor) or
-                input ids; or None and `input_ids=` / `inputs_embeds=` / ... as keywords.
+                input ids (``[batch, pos]`` or ``[pos]``); or None and `input_ids=` /
+                `inputs_embeds=` / ... as keywords; the residual stream with `start_at_layer`.
             return_type: "logits", "loss" (next-token loss on the input when no labels
-                are given), "both" (logits, loss), "raw" (the HF ModelOutput) or None.
+                are given; masked tokens left out), "both" (logits, loss), "raw" (the HF
+                ModelOutput) or None.
+            loss_per_token: the loss per position, ``[batch, pos - 1]``.
+            prepend_bos: for text: None is the config's ``default_prepend_bos``.
+            start_at_layer: `input` is the residual stream before this block; `tokens`
+                (for the loss, and positions) are the token ids, zeros if not given.
+            attention_mask: HF's mask; positions are counted over it (left padding).
+            stop_at_layer: return the residual stream before this block (``n_layers``: after
+                the last), without running the rest.
 
         Returns:
-            What `return_type` asks for.
+            What `return_type` asks for (the residual stream with `stop_at_layer`).
+
+        Raises:
+            InputError: a keyword neither the bridge nor the HF model takes, and bad inputs.
         """
         if return_type not in ("logits", "loss", "both", "raw", None):
             raise InputError(
                 f"return_type must be 'logits', 'loss', 'both', 'raw' or None (got {return_type!r})"
             )
-        kwargs = self.prepare_inputs(input, images, prepend_bos, padding_side, **kwargs)
-        if return_type in ("loss", "both") and "labels" not in kwargs:
-            if "input_ids" not in kwargs:
+        accepted = self._hf_keywords()
+        forward_options.check_keywords(kwargs, accepted, type(self.original_model).__name__)
+        window = forward_options.LayerWindow.of(start_at_layer, stop_at_layer, self.cfg.n_layers)
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        residual = None
+        if window.start is not None:
+            residual, input = forward_options.start_inputs(input, tokens, self.device)
+        elif tokens is not None:
+            raise InputError("tokens= goes with start_at_layer (the ids of the residual given)")
+        inputs = self.prepare_inputs(input, images, prepend_bos, padding_side, **kwargs)
+        forward_options.add_position_ids(inputs, accepted, self.original_model)
+        ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+        if return_type in ("loss", "both") and "labels" not in inputs and not loss_per_token:
+            if not isinstance(ids, torch.Tensor):
                 raise InputError(
                     f"return_type={return_type!r} without labels= is the next-token loss on "
                     "input_ids; pass input_ids or labels"
                 )
-            kwargs["labels"] = kwargs["input_ids"]
-        output = self._run_model(*args, **kwargs)
-        if return_type == "raw":
-            return output
-        if return_type is None:
-            return None
-        logits = output.logits if hasattr(output, "logits") else output[0]
-        if return_type == "logits":
-            return logits
-        return output.loss if return_type == "loss" else (logits, output.loss)
+            inputs["labels"] = forward_options.lm_labels(ids, mask)
+        try:
+            with window.hooks(self._names, residual):
+                output = self._run_model(**inputs)
+        except forward_options.StopAtLayer as stop:
+            return stop.residual
+        return forward_options.select_output(output, return_type, loss_per_token, ids, mask)
+
+    def _hf_keywords(self) -> frozenset[str]:
+        accepted = self.__dict__.get("_accepted_keywords")
+        if accepted is None:
+            accepted = forward_options.hf_keywords(self.original_model)
+            self.__dict__["_accepted_keywords"] = accepted
+        return frozenset(accepted)
 
     def _run_model(self, *args: Any, **kwargs: Any) -> Any:
         """The HF model's forward, as this bridge's (other bridges' hooks stay silent).
@@ -311,6 +397,8 @@ class TransformerBridge(nn.Module):
                 raise InputError("images= goes with text input; with ids, pass pixel_values=")
             if "input_ids" in kwargs:
                 raise InputError("input ids given twice: positionally and as input_ids=")
+            if input.dim() == 1:  # one sequence, as TransformerLens accepts it
+                input = input.unsqueeze(0)
             return {"input_ids": input, **kwargs}
         if not isinstance(input, str | list):
             raise InputError(f"input must be text, a list of texts or ids (got {type(input)})")
@@ -323,7 +411,8 @@ class TransformerBridge(nn.Module):
                     "passed as keyword(s); pass one or the other"
                 )
         else:
-            encoded = tokens.tokenize(self.tokenizer, input, prepend_bos, padding_side)
+            bos = self.prepend_bos_for(prepend_bos)
+            encoded = tokens.tokenize(self.tokenizer, input, bos, padding_side)
         return {**tokens.to_device(encoded, self.device, self.dtype), **kwargs}
 
     def image_layout(
@@ -356,100 +445,7 @@ class TransformerBridge(nn.Module):
         inputs = self.prepare_inputs(input, images, prepend_bos, padding_side, **kwargs)
         return layout_for(self, inputs, images)
 
-    # -- hooks ---------------------------------------------------------------------------
-
-    def add_hook(
-        self,
-        name: str | Sequence[str] | Callable[[str], bool],
-        hook: HookFn,
-        dir: Literal["fwd", "bwd"] = "fwd",
-        is_permanent: bool = False,
-        prepend: bool = False,
-    ) -> list[HookHandle]:
-        """Add `hook` to the hook point `name` (or to each of a list, or each a predicate selects).
-
-        Returns:
-            One handle per hook point; ``handle.remove()`` takes that hook away.
-        """
-        if name is None:  # select(None) would mean every hook point
-            raise InputError(
-                "add_hook needs a hook name, a list of names or a predicate (got None); "
-                "for every hook point use lambda name: True"
-            )
-        selected = self._names.select(name)
-        handles: list[HookHandle] = []
-        try:  # all or nothing: a point that refuses removes the ones added before it
-            for n in selected:
-                handles.append(self._names.points[n].add_hook(hook, dir, is_permanent, prepend))
-        except BaseException:
-            for handle in handles:
-                handle.remove()
-            raise
-        return handles
-
-    def add_perma_hook(
-        self,
-        name: str | Sequence[str] | Callable[[str], bool],
-        hook: HookFn,
-        dir: Literal["fwd", "bwd"] = "fwd",
-    ) -> list[HookHandle]:
-        """Add a hook that `reset_hooks()` keeps (unless `including_permanent=True`)."""
-        return self.add_hook(name, hook, dir, is_permanent=True)
-
-    def set_use_attn_result(self, use_attn_result: bool) -> None:
-        """Switch the opt-in ``attn.hook_result`` points on or off (TransformerLens's name).
-
-        ``hook_result`` is each head's output ``[batch, pos, head, d_model]`` before the heads
-        are summed; computing it costs about one more output projection per hooked layer,
-        and caching it a ``head``-times larger tensor, so caches leave it out unless it is on.
-        """
-        for name, point in self._names.points.items():
-            if name.endswith(".hook_result"):
-                if not use_attn_result:
-                    point.remove_hooks("both", including_permanent=True)
-                point.enabled = use_attn_result
-
-    def reset_hooks(self, including_permanent: bool = False) -> None:
-        """Remove every hook (permanent ones too if asked)."""
-        for point in self._names.points.values():
-            point.remove_hooks("both", including_permanent)
-
-    @contextmanager
-    def hooks(
-        self,
-        fwd_hooks: Sequence[HookSpec] = (),
-        bwd_hooks: Sequence[HookSpec] = (),
-    ) -> Iterator[TransformerBridge]:
-        """Attach hooks for the duration of a ``with`` block; they go when it ends or raises."""
-        fwd = self._names.select_hooks(fwd_hooks, "fwd_hooks")  # check all pairs first
-        bwd = self._names.select_hooks(bwd_hooks, "bwd_hooks")
-        points = self._names.points
-        handles: list[HookHandle] = []
-        with hook_scope() as token:  # these hooks run only in this thread's (context's) calls
-            try:
-                directions: tuple[tuple[Literal["fwd", "bwd"], Any], ...] = (
-                    ("fwd", fwd),
-                    ("bwd", bwd),
-                )
-                for direction, pairs in directions:
-                    for names, fn in pairs:
-                        for name in names:
-                            handles.append(points[name].add_hook(fn, direction, scope=token))
-                yield self
-            finally:
-                for handle in reversed(handles):
-                    handle.remove()
-
-    def run_with_hooks(
-        self,
-        *args: Any,
-        fwd_hooks: Sequence[HookSpec] = (),
-        bwd_hooks: Sequence[HookSpec] = (),
-        **kwargs: Any,
-    ) -> Any:
-        """Run forward with temporary hooks (removed afterwards, also on error)."""
-        with self.hooks(fwd_hooks, bwd_hooks):
-            return self._eager_call(*args, **kwargs)
+    # -- caching -----------------------------------------------------------------------
 
     def run_with_cache(
         self,
@@ -459,8 +455,12 @@ class TransformerBridge(nn.Module):
         remove_batch_dim: bool = False,
         incl_bwd: bool = False,
         metric: Callable[[Any], torch.Tensor] | None = None,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        pos_slice: SliceInput = None,
+        return_cache_object: bool = True,
         **kwargs: Any,
-    ) -> tuple[Any, ActivationCache]:
+    ) -> tuple[Any, Any]:
         """Run forward and cache the activations `names_filter` selects (all by default).
 
         Args:
@@ -470,18 +470,51 @@ class TransformerBridge(nn.Module):
                 if given, else from the loss (``return_type="loss"`` or ``"both"``).
             metric: ``fn(output) -> scalar tensor`` to differentiate (needs incl_bwd);
                 gradients also reach inputs that require them (``pixel_values``).
+            reset_hooks_end: False leaves the caching hooks attached (until `reset_hooks`):
+                later forwards then overwrite the returned cache's tensors, as in
+                TransformerLens.
+            clear_contexts: empty every hook point's `ctx` afterwards.
+            pos_slice: keep these positions of each cached activation (TransformerLens's
+                slice input: an int drops the position dimension).
+            return_cache_object: False returns the plain dict of tensors.
 
         Returns:
-            (what forward returns, ActivationCache); ``cache.image_layout`` is the
+            (what forward returns, ActivationCache or dict); ``cache.image_layout`` is the
             `ImageLayout` of a run with images (computed when first read), else None.
         """
         selected = self._names.select(names_filter)
         _check_backward(incl_bwd, metric, kwargs.get("return_type", "logits"))
+        if not reset_hooks_end:
+            output, ordered, calls = self._lasting_cache(
+                args, kwargs, selected, device, remove_batch_dim, incl_bwd, pos_slice
+            )
+        else:
+            output, ordered, calls = self._recorded_run(
+                args, kwargs, selected, device, remove_batch_dim, incl_bwd, metric, clear_contexts
+            )
+            ordered, calls = slice_store(ordered, calls, pos_slice)
+        cache = ActivationCache(ordered, self, has_batch_dim=not remove_batch_dim, calls=calls)
+        if "images" in kwargs or "pixel_values" in kwargs:
+            cache.set_image_layout(lambda: self.image_layout(*args, **kwargs))
+        return output, (cache if return_cache_object else cache.cache_dict)
+
+    def _recorded_run(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        selected: list[str],
+        device: str | torch.device | None,
+        remove_batch_dim: bool,
+        incl_bwd: bool,
+        metric: Callable[[Any], torch.Tensor] | None,
+        clear_contexts: bool,
+    ) -> tuple[Any, dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """Run with recording hooks: (output, one tensor per key, repeated calls)."""
         recorder = Recorder(device, remove_batch_dim)
         points = self._names.points
         fwd = [(n, recorder.saver(n, points[n])) for n in selected]
         bwd = [(n, recorder.saver(f"{n}_grad", points[n])) for n in selected] if incl_bwd else []
-        with self.hooks(fwd, bwd):
+        with self.hooks(fwd, bwd, clear_contexts=clear_contexts):
             output = self._eager_call(*args, **kwargs)
             if incl_bwd:
                 _backward(output, metric)
@@ -490,36 +523,9 @@ class TransformerBridge(nn.Module):
         ordered = dict(
             sorted(store.items(), key=lambda kv: order.get(kv[0].removesuffix("_grad"), 0))
         )
-        cache = ActivationCache(ordered, self, has_batch_dim=not remove_batch_dim, calls=calls)
-        if "images" in kwargs or "pixel_values" in kwargs:
-            cache.set_image_layout(lambda: self.image_layout(*args, **kwargs))
-        return output, cache
+        return output, ordered, calls
 
     # -- text ----------------------------------------------------------------------------
-
-    def to_tokens(
-        self,
-        input: tokens.TextInput,
-        prepend_bos: bool | None = None,
-        padding_side: str | None = None,
-        move_to_device: bool = True,
-    ) -> torch.Tensor:
-        """Token ids ``[batch, pos]`` for text, as the model's tokenizer makes them."""
-        ids = tokens.tokenize(self.tokenizer, input, prepend_bos, padding_side)["input_ids"]
-        return ids.to(self.device) if move_to_device else ids
-
-    def to_str_tokens(
-        self, input: tokens.TextInput | torch.Tensor, prepend_bos: bool | None = None
-    ) -> list[str] | list[list[str]]:
-        """Each token as a string (a list per sequence for a batch)."""
-        ids = input if isinstance(input, torch.Tensor) else self.to_tokens(input, prepend_bos)
-        rows = [ids.tolist()] if ids.dim() == 1 else ids.tolist()
-        strs = [[str(tokens.decode(self.tokenizer, [t])) for t in row] for row in rows]
-        return strs[0] if ids.dim() == 1 or (len(strs) == 1 and isinstance(input, str)) else strs
-
-    def to_string(self, tokens_: torch.Tensor | Sequence[int]) -> str | list[str]:
-        """Decode tokens to text (a list of strings for a batch)."""
-        return tokens.decode(self.tokenizer, tokens_)
 
     def generate(self, input: tokens.TextInput | torch.Tensor | None = None, **kwargs: Any) -> Any:
         """Generate with HF's `generate`; active hooks apply at every step (see `generation`)."""
@@ -561,7 +567,7 @@ class TransformerBridge(nn.Module):
             BridgeError: hooks are attached (their functions and the PyTorch hooks of their
                 taps are not part of what a pickle can carry).
         """
-        hooked = [n for n, p in self._names.points.items() if p.has_hooks]
+        hooked = [n for n, p in self._names.points.items() if p.has_hooks()]
         if hooked:
             raise BridgeError(
                 f"cannot pickle a bridge while hooks are attached (at {hooked[:3]}); remove "

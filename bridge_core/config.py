@@ -40,6 +40,9 @@ class TransformerBridgeConfig(BaseModel):
     """Experts per sparse MoE layer (TransformerLens's name)."""
     experts_per_token: PositiveInt | None = None
     """Experts each token is routed to, the router's top-k (TransformerLens's name)."""
+    default_prepend_bos: bool = True
+    """Whether text gets a BOS token when ``prepend_bos`` is not given (TransformerLens's
+    default: True; the model's tokenizer may add it already)."""
     block_layout: Literal["pre_norm", "parallel", "post_norm"] = "pre_norm"
     """How a block adds to the residual stream (`verify` checks it): ``pre_norm``
     (``resid_mid = resid_pre + attn_out``, ``resid_post = resid_mid + mlp_out``), ``parallel``

@@ -20,7 +20,8 @@ from bridge_core.errors import InputError
 from bridge_core.hooks import running
 
 if TYPE_CHECKING:
-    from bridge_core.bridge import HookSpec, TransformerBridge
+    from bridge_core.bridge import TransformerBridge
+    from bridge_core.hooked_root import HookSpec
 
 
 def generate(
@@ -84,7 +85,7 @@ def _steps(bridge: TransformerBridge) -> Iterator[None]:
         start = mask.shape[1] - length if isinstance(mask, torch.Tensor) else state["seen"]
         positions = torch.arange(start, start + length)
         for point in points:
-            if point.has_hooks:
+            if point.has_hooks():
                 point.ctx["step"] = state["step"]
                 point.ctx["positions"] = positions
         state["step"] += 1

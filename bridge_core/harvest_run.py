@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from bridge_core import tokens
 from bridge_core.data import Example, Source
 from bridge_core.errors import BridgeError, InputError
 
@@ -131,6 +132,8 @@ def encode(
             "wrap(model, tokenizer=...)"
         )
     rows: list[list[int]] = tokenizer([e.text for e in batch], **truncate)["input_ids"]
+    bos = bridge.prepend_bos_for(None)  # as the bridge tokenizes text (TransformerLens's default)
+    rows = [tokens.with_bos(row, tokenizer.bos_token_id, bos)[:max_length] for row in rows]
     for example, row in zip(batch, rows, strict=True):
         if not row:
             raise InputError(f"{source.name}: example {example.id!r} has no tokens (empty text)")

@@ -17,48 +17,59 @@ def tokenize(
     text: TextInput,
     prepend_bos: bool | None = None,
     padding_side: str | None = None,
+    max_length: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Tokenize `text` as the model's tokenizer does (special tokens included).
 
     Args:
-        prepend_bos: None keeps the tokenizer's habit; True adds BOS where it does not,
-            False strips a BOS it adds.
+        prepend_bos: None keeps the tokenizer's habit; True adds BOS to each text where the
+            tokenizer does not, False strips a BOS it adds (before any padding).
         padding_side: "left" or "right" for batches of different lengths.
+        max_length: cut each text to this many tokens (BOS included).
     """
     if tokenizer is None:
         raise InputError("this bridge has no tokenizer; pass input_ids=... or wrap(tokenizer=...)")
-    kwargs: dict[str, Any] = {"return_tensors": "pt"}
-    if isinstance(text, list) and tokenizer.pad_token is not None:
-        kwargs["padding"] = True
-        if padding_side is not None:
-            kwargs["padding_side"] = _check_side(padding_side)
-    elif isinstance(text, list):  # no pad token: fine as long as nothing needs padding
-        _check_same_lengths(tokenizer, text)
-    encoded = tokenizer(text, **kwargs)
-    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    texts = [text] if isinstance(text, str) else text
+    rows = [list(map(int, row)) for row in tokenizer(texts)["input_ids"]]
     bos = tokenizer.bos_token_id
     if prepend_bos is not None and bos is not None:
-        has_bos = bool((ids[:, 0] == bos).all()) and not bool((mask[:, 0] == 0).any())
-        if prepend_bos and not has_bos:
-            ids = torch.cat([torch.full_like(ids[:, :1], bos), ids], dim=1)
-            mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
-        elif not prepend_bos and has_bos:
-            ids, mask = ids[:, 1:], mask[:, 1:]
-    return {"input_ids": ids, "attention_mask": mask}
+        rows = [with_bos(row, bos, prepend_bos) for row in rows]
+    if max_length is not None:
+        rows = [row[:max_length] for row in rows]
+    if len({len(row) for row in rows}) <= 1:
+        ids = torch.tensor(rows, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if tokenizer.pad_token is None:
+        _refuse_unpadded(tokenizer, [len(row) for row in rows])
+    kwargs: dict[str, Any] = {"padding": True, "return_tensors": "pt"}
+    if padding_side is not None:
+        kwargs["padding_side"] = _check_side(padding_side)
+    padded = tokenizer.pad({"input_ids": rows}, **kwargs)
+    return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
 
 
-def _check_same_lengths(tokenizer: Any, texts: list[str]) -> None:
+def with_bos(row: list[int], bos: int | None, prepend_bos: bool) -> list[int]:
+    """`row` with a BOS token first (`prepend_bos`) or without one."""
+    if bos is None:
+        return row
+    has_bos = bool(row) and row[0] == bos
+    if prepend_bos and not has_bos:
+        return [bos, *row]
+    if not prepend_bos and has_bos:
+        return row[1:]
+    return row
+
+
+def _refuse_unpadded(tokenizer: Any, lengths: list[int]) -> None:
     """Refuse a batch of texts that tokenize to different lengths (there is no pad token)."""
-    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
-    if len(set(lengths)) > 1:
-        shown = ", ".join(map(str, lengths[:8])) + (", ..." if len(lengths) > 8 else "")
-        raise InputError(
-            f"the {len(texts)} texts tokenize to different lengths ({shown} tokens) and the "
-            f"tokenizer ({type(tokenizer).__name__}) has no pad token to pad them with. "
-            "Accepted: texts of one token length, input_ids you padded yourself (with "
-            "attention_mask=), or a tokenizer with a pad token (e.g. "
-            "bridge.tokenizer.pad_token = bridge.tokenizer.eos_token)"
-        )
+    shown = ", ".join(map(str, lengths[:8])) + (", ..." if len(lengths) > 8 else "")
+    raise InputError(
+        f"the {len(lengths)} texts tokenize to different lengths ({shown} tokens) and the "
+        f"tokenizer ({type(tokenizer).__name__}) has no pad token to pad them with. "
+        "Accepted: texts of one token length, input_ids you padded yourself (with "
+        "attention_mask=), or a tokenizer with a pad token (e.g. "
+        "bridge.tokenizer.pad_token = bridge.tokenizer.eos_token)"
+    )
 
 
 def process(
