@@ -46,7 +46,7 @@ def model_and_bridge(
     model, tokenizer = text_models[arch]
     bridge = TransformerBridge.wrap(model, tokenizer=tokenizer)
     yield model, bridge
-    assert not any(p.has_hooks for p in bridge.hook_dict.values()), "a hook was left behind"
+    assert not any(p.has_hooks() for p in bridge.hook_dict.values()), "a hook was left behind"
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ def zero(tensor: torch.Tensor, hook: HookPoint) -> torch.Tensor:
 
 
 def no_hooks(bridge: TransformerBridge) -> bool:
-    return not any(point.has_hooks for point in bridge.hook_dict.values())
+    return not any(point.has_hooks() for point in bridge.hook_dict.values())
 
 
 def returning(value: Any) -> Any:
@@ -82,8 +82,8 @@ def test_one_string_in_a_list_needs_no_pad_token(text_models: dict[str, Any]) ->
     with torch.no_grad():
         expected = model(ids).logits
 
-    assert torch.equal(bridge(["hello world"]), expected)
-    assert torch.equal(bridge.to_tokens(["hello world"]), ids)
+    assert torch.equal(bridge(["hello world"], prepend_bos=False), expected)
+    assert torch.equal(bridge.to_tokens(["hello world"], prepend_bos=False), ids)
     same_length = ["the cat sat", "the dog sat"]
     assert len({len(row) for row in tokenizer(same_length)["input_ids"]}) == 1
     assert bridge(same_length).shape[0] == 2  # equal lengths: nothing to pad either

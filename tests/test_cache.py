@@ -20,9 +20,10 @@ def test_alias_and_canonical_share_one_tensor(gpt2_run: tuple) -> None:
     assert cache["blocks.1.hook_resid_pre"] is cache["blocks.1.hook_in"]
     assert cache["resid_pre", 1] is cache["blocks.1.hook_in"]
     assert cache["resid_mid", -1] is cache["blocks.1.ln2.hook_in"]
-    assert cache["normalized", 0, "ln2"] is cache["blocks.0.ln2.hook_out"]
+    assert cache["normalized", 0, "ln2"] is cache["blocks.0.ln2.hook_normalized"]
     assert "blocks.1.hook_resid_pre" in cache and "hook_embed" in cache
-    assert "blocks.1.hook_resid_pre" not in cache.keys()  # noqa: SIM118  # stored canonically
+    assert "blocks.1.hook_resid_pre" in cache.keys()  # noqa: SIM118  # TL names are keys too
+    assert "blocks.1.hook_resid_pre" not in list(cache.keys())  # stored once, canonically
 
 
 def test_unknown_key_suggests(gpt2_run: tuple) -> None:
@@ -108,10 +109,13 @@ def test_unique_bytes_count_shared_storage_once(
 def test_shorthand_without_layer_and_alias_grads(gpt2_bridge: TransformerBridge) -> None:
     ids = torch.randint(3, 500, (1, 5))
     _, cache = gpt2_bridge.run_with_cache(
-        ids, return_type="loss", incl_bwd=True, names_filter=["hook_embed", "ln_final.hook_out"]
+        ids,
+        return_type="loss",
+        incl_bwd=True,
+        names_filter=["hook_embed", "ln_final.hook_normalized"],
     )
     assert cache["embed"] is cache["embed.hook_out"]
-    assert cache["normalized"] is cache["ln_final.hook_out"]
+    assert cache["normalized"] is cache["ln_final.hook_normalized"]
     assert cache["hook_embed_grad"] is cache["embed.hook_out_grad"]
     gpt2_bridge.original_model.zero_grad(set_to_none=True)
 
@@ -119,7 +123,7 @@ def test_shorthand_without_layer_and_alias_grads(gpt2_bridge: TransformerBridge)
 def test_remove_batch_dim_needs_a_batch_of_one(gpt2_bridge: TransformerBridge) -> None:
     with pytest.raises(InputError, match=r"batch of one.*batch size 2"):
         gpt2_bridge.run_with_cache(torch.zeros(2, 3, dtype=torch.long), remove_batch_dim=True)
-    assert not any(p.has_hooks for p in gpt2_bridge.hook_dict.values())
+    assert not any(p.has_hooks() for p in gpt2_bridge.hook_dict.values())
 
 
 def test_accumulated_resid_for_the_mlp_input_ends_with_resid_mid(gpt2_run: tuple) -> None:

@@ -24,7 +24,9 @@ def _padded() -> dict[str, torch.Tensor]:
     ids = torch.randint(3, 500, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding
-    return {"input_ids": ids, "attention_mask": mask}
+    # positions counted over the mask, as the bridge (and HF's generate) count them
+    positions = torch.where(mask.bool(), mask.cumsum(-1) - 1, torch.arange(7))
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
 
 def test_patterns_are_what_falcon_computes(falcon: tuple[Any, TransformerBridge]) -> None:

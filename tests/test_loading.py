@@ -89,10 +89,10 @@ def test_tokenizer_is_loaded_lazily_and_works(
     assert loads == [str(saved_gpt2)]
     assert isinstance(bridge.tokenizer, PreTrainedTokenizerBase)
     hf_tokenizer = AutoTokenizer.from_pretrained(saved_gpt2)
-    ids = hf_tokenizer(TEXT, return_tensors="pt")["input_ids"]
-    assert torch.equal(bridge.to_tokens(TEXT), ids)
+    ids = hf_tokenizer(hf_tokenizer.bos_token + TEXT, return_tensors="pt")["input_ids"]
+    assert torch.equal(bridge.to_tokens(TEXT), ids)  # BOS by default, as TransformerLens
     assert torch.equal(logits, hf_logits(GPT2LMHeadModel.from_pretrained(saved_gpt2), ids))
-    assert bridge.to_string(ids[0]) == TEXT
+    assert bridge.to_string(ids[0, 1:]) == TEXT
     bridge.tokenizer  # noqa: B018  (a second use does not load again)
     assert len(loads) == 1
 
@@ -243,7 +243,8 @@ def test_boot_hub_id_from_offline_cache(
     plain = GPT2LMHeadModel.from_pretrained(saved_gpt2)
     assert torch.equal(got["logits"], hf_logits(plain, ids))
     tokenizer = AutoTokenizer.from_pretrained(saved_gpt2)
-    expected = [tokenizer.decode([t]) for t in tokenizer("Hello world")["input_ids"]]
+    with_bos = tokenizer(tokenizer.bos_token + "Hello world")["input_ids"]
+    expected = [tokenizer.decode([t]) for t in with_bos]
     assert got["tokens"] == expected
 
 

@@ -77,7 +77,7 @@ def test_pattern_hooks_refuse_an_attention_that_bypasses_the_interface(
         with pytest.raises(BridgeError, match="FalconAttention"):
             bridge.run_with_cache(torch.tensor([[1, 2, 3]]), names_filter=name)
     assert model.config._attn_implementation == kernel  # never switched
-    assert not any(p.has_hooks for p in bridge.hook_dict.values())
+    assert not any(p.has_hooks() for p in bridge.hook_dict.values())
 
 
 def test_a_cached_activation_the_model_changes_in_place_stays_as_it_was(

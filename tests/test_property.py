@@ -155,7 +155,7 @@ class HookLifeCycle(RuleBasedStateMachine):
 
     def check_attached(self, hooks: list[Attached]) -> None:
         expected = {a.point for a in hooks}
-        actual = {n for n, p in self.bridge.hook_dict.items() if p.has_hooks}
+        actual = {n for n, p in self.bridge.hook_dict.items() if p.has_hooks()}
         assert actual == expected, f"hooks on {actual - expected}, none on {expected - actual}"
         if not any(a.point.endswith(("hook_pattern", "hook_attn_scores")) for a in hooks):
             assert self.world.model.config._attn_implementation == self.world.attn_implementation

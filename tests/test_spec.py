@@ -29,7 +29,7 @@ def test_spec_from_file_boots_the_same_bridge(
     path.write_text(gpt2_spec.model_copy(update={"name": "mine"}).to_toml())
     model, _ = text_models["gpt2"]
     bridge = TransformerBridge.wrap(model, adapter=str(path))
-    assert bridge.adapter.name == "mine" and len(bridge.hook_dict) == 46  # 2 opt-in
+    assert bridge.adapter.name == "mine" and len(bridge.hook_dict) == 56  # 2 opt-in
 
 
 def test_invalid_toml_names_file_and_line(tmp_path: Path) -> None:

@@ -27,10 +27,12 @@ def test_to_tokens_and_back(llama_bridge: TransformerBridge) -> None:
 
 
 def test_prepend_bos_for_gpt2_style_tokenizer(gpt2_bridge: TransformerBridge) -> None:
-    plain = gpt2_bridge.to_tokens("hello")
+    plain = gpt2_bridge.to_tokens("hello", prepend_bos=False)
     with_bos = gpt2_bridge.to_tokens("hello", prepend_bos=True)
     assert with_bos[0, 0] == gpt2_bridge.tokenizer.bos_token_id
     assert torch.equal(with_bos[:, 1:], plain)
+    assert gpt2_bridge.cfg.default_prepend_bos  # TransformerLens's default: BOS for GPT-2 too
+    assert torch.equal(gpt2_bridge.to_tokens("hello"), with_bos)
 
 
 def test_batch_of_texts_is_padded_with_a_mask(llama_bridge: TransformerBridge) -> None:
@@ -72,7 +74,7 @@ def test_generate_runs_hooks_at_every_step(gpt2_bridge: TransformerBridge) -> No
         ids, max_new_tokens=3, fwd_hooks=[("hook_embed", lambda t, hook: steps.append(t.shape[1]))]
     )
     assert steps == [4, 1, 1]
-    assert not any(p.has_hooks for p in gpt2_bridge.hook_dict.values())
+    assert not any(p.has_hooks() for p in gpt2_bridge.hook_dict.values())
 
 
 def test_generate_tells_hooks_the_step_and_positions(llama_bridge: TransformerBridge) -> None:

@@ -66,7 +66,7 @@ def hf_vision(llava: tuple[Any, Any], inputs: dict[str, torch.Tensor]) -> Any:
 def no_hook_left_behind(bridge: TransformerBridge) -> Iterator[None]:
     """Every test leaves the session bridge without hooks, whatever it raised."""
     yield
-    assert not any(p.has_hooks for p in bridge.hook_dict.values()), "a hook was left behind"
+    assert not any(p.has_hooks() for p in bridge.hook_dict.values()), "a hook was left behind"
 
 
 @pytest.fixture(scope="session")

@@ -199,4 +199,4 @@ def test_editing_hook_vision_out_reaches_a_model_that_selects_the_last_layer(
     with torch.no_grad(), bridge.hooks(fwd_hooks=[("hook_vision_out", zero)]):
         features = bridge.vision_encoder.encode_images(inputs["pixel_values"])
     assert torch.equal(features, torch.zeros_like(outputs.last_hidden_state[:, 1:]))
-    assert not any(p.has_hooks for p in bridge.hook_dict.values())
+    assert not any(p.has_hooks() for p in bridge.hook_dict.values())

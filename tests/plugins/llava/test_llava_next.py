@@ -39,7 +39,7 @@ def test_llava_next_exact_and_hooked(
     assert cache["vision_encoder.layers.0.hook_resid_pre"].shape[1:] == (17, 32)
     assert cache["vision_projector.hook_in"].shape[1:] == (16, 32)  # every crop, CLS dropped
     assert cache["vision_projector.hook_out"].shape[0] <= 2 * crops
-    assert not any(p.has_hooks for p in next_bridge.hook_dict.values())
+    assert not any(p.has_hooks() for p in next_bridge.hook_dict.values())
 
 
 def test_llava_next_image_positions_are_runs_of_image_tokens(
