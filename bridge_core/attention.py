@@ -32,6 +32,7 @@ from bridge_core.errors import BridgeError
 from bridge_core.hooks import (
     Handle,
     Run,
+    Runs,
     changed_since,
     first_tensor,
     mark_tap,
@@ -54,16 +55,14 @@ class Route:
     run does nothing in another bridge's forward), in order; they run one after the other.
     """
 
-    runs: dict[str, list[Run]] = field(default_factory=dict)
+    runs: Runs[str] = field(default_factory=Runs)
     called: bool = False
     checks: tuple[Handle, ...] = ()
     kernel: Kernel | None = None  # the module's own kernel, looked up once when hooked
 
     def through(self, which: str, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` through every run attached for `which`."""
-        for run in list(self.runs.get(which, ())):
-            tensor = run(tensor)
-        return tensor
+        return self.runs[which](tensor) if which in self.runs else tensor
 
 
 # attention module -> its route
@@ -104,7 +103,7 @@ class PatternTap:
                 route = _ROUTES[self.module] = Route()
                 route.checks = _watch(self.module, route)
                 route.kernel = _original_kernel(self.module)
-            route.runs.setdefault(self.which, []).append(run)
+            route.runs.add(self.which, run)
         return _Detach(self.module, self.which, run)
 
 
@@ -117,12 +116,9 @@ class _Detach:
     def remove(self) -> None:
         with _LOCK:
             route = _ROUTES.get(self.module)
-            runs = route.runs.get(self.which, []) if route is not None else []
-            if route is None or self.run not in runs:
+            if route is None:
                 return
-            runs.remove(self.run)
-            if not runs:
-                del route.runs[self.which]
+            route.runs.discard(self.which, self.run)
             if not route.runs:  # the module's last: its config goes back to its own kernel
                 for handle in route.checks:
                     handle.remove()

@@ -17,7 +17,7 @@ from torch import nn
 
 from bridge_core import tokens
 from bridge_core.errors import InputError
-from bridge_core.hooks import running
+from bridge_core.hooks import mark_tap, running
 
 if TYPE_CHECKING:
     from bridge_core.bridge import TransformerBridge
@@ -91,7 +91,7 @@ def _steps(bridge: TransformerBridge) -> Iterator[None]:
         state["step"] += 1
         state["seen"] = start + length
 
-    handle = bridge.original_model.register_forward_pre_hook(before, with_kwargs=True)
+    handle = bridge.original_model.register_forward_pre_hook(mark_tap(before), with_kwargs=True)
     try:
         yield
     finally:

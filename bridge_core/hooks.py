@@ -15,6 +15,7 @@ points of other bridges over the same HF model stay silent.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import warnings
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ HookFn = Callable[..., torch.Tensor | None]
 """A TransformerLens hook: ``fn(tensor, hook) -> tensor | None``."""
 
 Run = Callable[[torch.Tensor], torch.Tensor]
+K = TypeVar("K")
 Direction = Literal["fwd", "bwd"]
 Collect = Literal["list", "stack", "cat"]
 
@@ -133,6 +135,60 @@ def changed_since(tensor: torch.Tensor, before: Any) -> bool:
     if isinstance(before, torch.Tensor):
         return not torch.equal(tensor, before)
     return bool(tensor._version != before)
+
+
+class Runs(Generic[K]):
+    """The runs attached to a shared tap, by key (``"pattern"``, ``(expert, "pre")`` ...).
+
+    One module can serve several hook points (a router's three outputs) and several bridges
+    (each its own point for the same key). Every attached run is kept: ``runs[key]`` runs them
+    in the order they were attached, and removing one leaves the others. So two bridges over
+    one model never overwrite or silence each other's hooks.
+    """
+
+    def __init__(self) -> None:
+        self._by: dict[K, list[Run]] = {}
+
+    def add(self, key: K, run: Run) -> None:
+        """Attach `run` under `key`."""
+        self._by.setdefault(key, []).append(run)
+
+    def discard(self, key: K, run: Run) -> None:
+        """Remove one attachment of `run` under `key` (if it is there)."""
+        runs = self._by.get(key)
+        if runs is not None and run in runs:
+            runs.remove(run)
+            if not runs:
+                del self._by[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._by
+
+    def __bool__(self) -> bool:
+        return bool(self._by)
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(list(self._by))
+
+    def __getitem__(self, key: K) -> Run:
+        runs = list(self._by[key])
+        if len(runs) == 1:
+            return runs[0]
+        return functools.partial(_chain, runs)
+
+    def get(self, key: K) -> Run | None:
+        """The runs under `key` as one, or None."""
+        return self[key] if key in self._by else None
+
+    def items(self) -> list[tuple[K, Run]]:
+        """(key, its runs as one) pairs."""
+        return [(key, self[key]) for key in list(self._by)]
+
+
+def _chain(runs: list[Run], tensor: torch.Tensor) -> torch.Tensor:
+    for run in runs:
+        tensor = run(tensor)
+    return tensor
 
 
 def first_tensor(value: Any) -> torch.Tensor:
@@ -511,6 +567,7 @@ def _grad_hook(fn: HookFn, point: HookPoint) -> Callable[[torch.Tensor], torch.T
 
 __all__ = [
     "Collect",
+    "Runs",
     "Handle",
     "HookFn",
     "HookHandle",

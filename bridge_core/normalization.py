@@ -26,7 +26,16 @@ from torch import nn
 
 from bridge_core.attention import exact_with_grad
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, Run, changed_since, first_tensor, replace_first, snapshot
+from bridge_core.hooks import (
+    Handle,
+    Run,
+    Runs,
+    changed_since,
+    first_tensor,
+    mark_tap,
+    replace_first,
+    snapshot,
+)
 
 Which = Literal["scale", "normalized", "out"]
 Kind = Literal["LN", "RMS"]
@@ -87,7 +96,7 @@ def norm_math(module: nn.Module, options: dict[str, Any], config: Any) -> NormMa
 @dataclass
 class _Route:
     math: NormMath
-    runs: dict[str, Run] = field(default_factory=dict)
+    runs: Runs[str] = field(default_factory=Runs)
     handle: Handle | None = None
 
 
@@ -106,22 +115,23 @@ class NormTap:
         route = _ROUTES.get(self.module)
         if route is None:
             route = _ROUTES[self.module] = _Route(self.math)
-        route.runs[self.which] = run
+        route.runs.add(self.which, run)
         if route.handle is None:
-            route.handle = self.module.register_forward_hook(_hook(route), prepend=True)
-        return _Detach(self.module, self.which)
+            route.handle = self.module.register_forward_hook(mark_tap(_hook(route)), prepend=True)
+        return _Detach(self.module, self.which, run)
 
 
 @dataclass(frozen=True)
 class _Detach:
     module: nn.Module
     which: Which
+    run: Run
 
     def remove(self) -> None:
         route = _ROUTES.get(self.module)
         if route is None:
             return
-        route.runs.pop(self.which, None)
+        route.runs.discard(self.which, self.run)
         if not route.runs and route.handle is not None:
             route.handle.remove()
             _ROUTES.pop(self.module, None)

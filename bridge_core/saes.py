@@ -30,7 +30,15 @@ from torch import nn
 
 from bridge_core.attention import exact_with_grad
 from bridge_core.errors import InputError
-from bridge_core.hooks import Handle, HookHandle, HookPoint, Run, first_tensor, replace_first
+from bridge_core.hooks import (
+    Handle,
+    HookHandle,
+    HookPoint,
+    Run,
+    first_tensor,
+    mark_tap,
+    replace_first,
+)
 from bridge_core.naming import HookNames, NamesFilter
 from bridge_core.normalization import through
 
@@ -59,7 +67,7 @@ class _SAEModuleTap:
             new = run(tensor)
             return None if new is tensor else replace_first(output, new)
 
-        return self.module.register_forward_hook(hook)
+        return self.module.register_forward_hook(mark_tap(hook))
 
 
 class _Called:

@@ -157,3 +157,38 @@ def test_a_call_that_fails_adds_nothing(gpt2: tuple[Any, TransformerBridge]) -> 
         bridge.add_hook("blocks.0.hook_in", None)  # type: ignore[arg-type]  # on purpose
     assert not any(p.has_hooks for p in bridge.hook_dict.values())
     assert bridge.attached_points == 0
+
+
+@pytest.mark.parametrize(
+    ("family", "name"),
+    [
+        ("gpt2", "blocks.0.attn.hook_pattern"),
+        ("gpt2", "blocks.0.ln1.hook_scale"),
+        ("mixtral", "blocks.0.mlp.hook_router_logits"),
+        ("mixtral", "blocks.0.mlp.experts.1.hook_pre"),
+        ("falcon", "blocks.0.attn.hook_pattern"),
+    ],
+)
+def test_a_shared_tap_serves_two_bridges_over_one_model(family: str, name: str) -> None:
+    from bridge_adapters.families import FAMILIES
+    from bridge_core.verify import example_inputs
+
+    model, _ = FAMILIES[family]()
+    first, second = TransformerBridge.wrap(model), TransformerBridge.wrap(model)
+    fired = {"first": 0, "second": 0}
+
+    def count(which: str) -> Any:
+        return lambda x, hook: fired.__setitem__(which, fired[which] + 1)
+
+    first.add_hook(name, count("first"))
+    handles = second.add_hook(name, count("second"))
+    inputs = example_inputs(first)
+    with torch.no_grad():
+        first(**inputs)
+        second(**inputs)
+        assert fired == {"first": 1, "second": 1}  # each only in its own bridge's forward
+        for handle in handles:
+            handle.remove()
+        first(**inputs)
+    assert fired == {"first": 2, "second": 1}  # the second's removal left the first's hook
+    first.reset_hooks()

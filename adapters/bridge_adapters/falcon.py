@@ -28,7 +28,7 @@ from torch import nn
 from bridge_core.attention import Route, exact_with_grad, hooked_pattern
 from bridge_core.components.standard import JointQKVAttentionBridge
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, Run, changed_since, snapshot
+from bridge_core.hooks import Handle, Run, Runs, changed_since, mark_tap, snapshot
 from bridge_core.views import Reshape, ViewTap
 
 _KINDS = ("rot_q", "rot_k", "scores", "pattern")
@@ -42,7 +42,7 @@ class _Kernel:
     module: nn.Module
     d_head: int
     groups: int
-    runs: dict[str, Run] = field(default_factory=dict)
+    runs: Runs[str] = field(default_factory=Runs)
     handles: tuple[Handle, ...] = ()
     fused: torch.Tensor | None = None
     call: dict[str, Any] = field(default_factory=dict)
@@ -53,17 +53,17 @@ class _Kernel:
         if not self.runs:
             qkv = self.module.get_submodule("query_key_value")
             self.handles = (
-                self.module.register_forward_pre_hook(self._before, with_kwargs=True),
-                qkv.register_forward_hook(self._record),  # last: sees the hook_q/k/v edits
+                self.module.register_forward_pre_hook(mark_tap(self._before), with_kwargs=True),
+                qkv.register_forward_hook(mark_tap(self._record)),  # last: sees q/k/v edits
                 self.module.get_submodule("dense").register_forward_pre_hook(
-                    self._at_z, prepend=True
+                    mark_tap(self._at_z), prepend=True
                 ),
             )
-        self.runs[which] = run
-        return _Remove(self, which)
+        self.runs.add(which, run)
+        return _Remove(self, which, run)
 
-    def remove(self, which: str) -> None:
-        self.runs.pop(which, None)
+    def remove(self, which: str, run: Run) -> None:
+        self.runs.discard(which, run)
         if not self.runs:
             for handle in self.handles:
                 handle.remove()
@@ -104,7 +104,10 @@ class _Kernel:
         q, k, v = self._qkv()
         q, q_edited, q_other = _through_heads(self.runs.get("rot_q"), q)
         k, k_edited, k_other = _through_heads(self.runs.get("rot_k"), k)
-        route = Route({w: [r] for w, r in self.runs.items() if w in ("scores", "pattern")})
+        route = Route()
+        for which in ("scores", "pattern"):
+            if which in self.runs:
+                route.runs.add(which, self.runs[which])
         mask = self.call.get("attention_mask")
         pattern, edited, other = hooked_pattern(self.module, q, k, mask, route)
         if edited or q_edited or k_edited:
@@ -143,9 +146,10 @@ class _Kernel:
 class _Remove:
     kernel: _Kernel
     which: str
+    run: Run
 
     def remove(self) -> None:
-        self.kernel.remove(self.which)
+        self.kernel.remove(self.which, self.run)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from torch import nn
 
 from bridge_core.attention import exact_with_grad
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, Run
+from bridge_core.hooks import Handle, Run, Runs, mark_tap
 
 Which = Literal["in", "pre", "pre_linear", "post", "out"]
 ExpertsForward = Callable[..., torch.Tensor]
@@ -43,7 +43,7 @@ _SUPPORTED = ("eager", "grouped_mm", "batched_mm")
 class _Route:
     """The hook runs of one hooked experts module, by (expert, activation)."""
 
-    runs: dict[tuple[int, Which], Run] = field(default_factory=dict)
+    runs: Runs[tuple[int, Which]] = field(default_factory=Runs)
     called: bool = False
     checks: tuple[Handle, ...] = ()
 
@@ -83,20 +83,21 @@ class ExpertTap:
         if route is None:
             route = _ROUTES[self.experts] = _Route()
             route.checks = _watch(self.layer, self.experts, route)
-        route.runs[(self.expert, self.which)] = run
-        return _Detach(self.experts, (self.expert, self.which))
+        route.runs.add((self.expert, self.which), run)
+        return _Detach(self.experts, (self.expert, self.which), run)
 
 
 @dataclass(frozen=True)
 class _Detach:
     experts: nn.Module
     key: tuple[int, Which]
+    run: Run
 
     def remove(self) -> None:
         route = _ROUTES.get(self.experts)
         if route is None:
             return
-        route.runs.pop(self.key, None)
+        route.runs.discard(self.key, self.run)
         if not route.runs:
             for handle in route.checks:
                 handle.remove()
@@ -184,8 +185,8 @@ def _watch(layer: nn.Module, experts: nn.Module, route: _Route) -> tuple[Handle,
             )
 
     return (
-        layer.register_forward_pre_hook(before, prepend=True),
-        layer.register_forward_hook(after),
+        layer.register_forward_pre_hook(mark_tap(before), prepend=True),
+        layer.register_forward_hook(mark_tap(after)),
     )
 
 

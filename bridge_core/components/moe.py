@@ -24,7 +24,7 @@ from bridge_core.attention import exact_with_grad
 from bridge_core.components.base import GeneralizedComponent, Shape
 from bridge_core.components.experts import ExpertTap, Which, expert_weights
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, HookPoint, Run
+from bridge_core.hooks import Handle, HookPoint, Run, Runs, mark_tap
 from bridge_core.views import Tokens, ViewTap
 
 RouterOutput = Literal["logits", "weights", "indices"]
@@ -37,7 +37,7 @@ ROUTED_HIDDEN: Shape = ("routed", "d_mlp")
 class _RouterRoute:
     """The hook runs on one router module's outputs, and the forward hook that runs them."""
 
-    runs: dict[RouterOutput, Run] = field(default_factory=dict)
+    runs: Runs[RouterOutput] = field(default_factory=Runs)
     handle: Handle | None = None
 
 
@@ -62,22 +62,24 @@ class RouterTap:
         route = _ROUTERS.setdefault(self.router, _RouterRoute())
         if route.handle is None:
             route.handle = self.router.register_forward_hook(
-                lambda module, args, output: _on_router(route, module, output), prepend=True
+                mark_tap(lambda module, args, output: _on_router(route, module, output)),
+                prepend=True,
             )
-        route.runs[self.which] = run
-        return _RouterDetach(self.router, self.which)
+        route.runs.add(self.which, run)
+        return _RouterDetach(self.router, self.which, run)
 
 
 @dataclass(frozen=True)
 class _RouterDetach:
     router: nn.Module
     which: RouterOutput
+    run: Run
 
     def remove(self) -> None:
         route = _ROUTERS.get(self.router)
         if route is None:
             return
-        route.runs.pop(self.which, None)
+        route.runs.discard(self.which, self.run)
         if not route.runs:
             if route.handle is not None:
                 route.handle.remove()
