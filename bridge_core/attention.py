@@ -39,10 +39,10 @@ from bridge_core.hooks import (
     replace_first,
     snapshot,
 )
+from bridge_core.switches import PREFIX, KernelSwitch
 
 Which = Literal["scores", "pattern", "rot_q", "rot_k"]
 Kernel = Callable[..., tuple[torch.Tensor, Any]]
-_PREFIX = "transformer_bridge|"
 _SUPPORTED = ("sdpa", "eager")
 _DISPATCH = "ALL_ATTENTION_FUNCTIONS"
 
@@ -69,17 +69,6 @@ class Route:
 _ROUTES: weakref.WeakKeyDictionary[nn.Module, Route] = weakref.WeakKeyDictionary()
 
 
-@dataclass
-class _Switch:
-    """A config whose attention implementation we point at the router, and how many hooked
-    taps use it (the original name comes back when the last goes)."""
-
-    config: Any
-    original: str
-    users: int = 0
-
-
-_SWITCHES: dict[int, _Switch] = {}
 _LOCK = threading.RLock()  # routes and switches are shared by every bridge and thread
 
 
@@ -99,7 +88,7 @@ class PatternTap:
             route = _ROUTES.get(self.module)
             if route is None:  # the module's first hooked tap: check it and switch its config
                 check_dispatch(self.module)
-                _switch_on(self.module)
+                SWITCH.on(self.module)
                 route = _ROUTES[self.module] = Route()
                 route.checks = _watch(self.module, route)
                 route.kernel = _original_kernel(self.module)
@@ -123,7 +112,7 @@ class _Detach:
                 for handle in route.checks:
                     handle.remove()
                 _ROUTES.pop(self.module, None)
-                _switch_off(self.module)
+                SWITCH.off(self.module)
 
 
 def check_dispatch(module: nn.Module) -> None:
@@ -132,7 +121,7 @@ def check_dispatch(module: nn.Module) -> None:
     Raises:
         BridgeError: naming the module class and what would be needed.
     """
-    _config_of(module)
+    SWITCH.config_of(module)
     if not _dispatches(type(module)):
         raise BridgeError(
             f"{type(module).__name__} ({type(module).__module__}) does not choose its kernel "
@@ -175,60 +164,39 @@ def _watch(module: nn.Module, route: Route) -> tuple[Handle, ...]:
     )
 
 
-def _config_of(module: nn.Module) -> Any:
-    config = getattr(module, "config", None)
-    if config is None or not hasattr(config, "_attn_implementation"):
-        raise BridgeError(
-            f"attention patterns need the attention module to read its kernel from "
-            f"config._attn_implementation; {type(module).__name__} has no such config"
-        )
-    return config
-
-
-def _switch_on(module: nn.Module) -> None:
-    config = _config_of(module)
-    switch = _SWITCHES.get(id(config))
-    if switch is None:
-        original = config._attn_implementation or "eager"
-        if original not in _SUPPORTED:
-            raise BridgeError(
-                f"attention patterns are computed for models running {' or '.join(_SUPPORTED)} "
-                f"attention; {type(module).__name__} runs {original!r}. Load the model with "
-                "attn_implementation='sdpa' to hook patterns"
-            )
-        _register_router(original)
-        switch = _SWITCHES[id(config)] = _Switch(config, original)
-        config._attn_implementation = _PREFIX + original
-    switch.users += 1
-
-
-def _switch_off(module: nn.Module) -> None:
-    config = _config_of(module)
-    switch = _SWITCHES.get(id(config))
-    if switch is None:
-        return
-    switch.users -= 1
-    if switch.users <= 0:
-        config._attn_implementation = switch.original
-        del _SWITCHES[id(config)]
-
-
 def _register_router(original: str) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    key = _PREFIX + original
+    key = PREFIX + original
     if key not in AttentionInterface._global_mapping:
         AttentionInterface.register(key, route_attention)
         AttentionMaskInterface.register(key, ALL_MASK_ATTENTION_FUNCTIONS[original])
 
 
+def _refuse(module: nn.Module, original: str) -> BridgeError:
+    return BridgeError(
+        f"attention patterns are computed for models running {' or '.join(_SUPPORTED)} "
+        f"attention; {type(module).__name__} runs {original!r}. Load the model with "
+        "attn_implementation='sdpa' to hook patterns"
+    )
+
+
+SWITCH = KernelSwitch(
+    attribute="_attn_implementation",
+    what="attention",
+    supported=_SUPPORTED,
+    router_name=lambda original: PREFIX + original,
+    register=_register_router,
+    refuse=_refuse,
+)
+"""Points a hooked attention module's config at `route_attention` (see `bridge_core.switches`)."""
+
+
 def _original_kernel(module: nn.Module) -> Kernel:
     from transformers import AttentionInterface
 
-    config = _config_of(module)
-    switch = _SWITCHES.get(id(config))  # none for a copy of a model made while hooked
-    original = switch.original if switch else config._attn_implementation.removeprefix(_PREFIX)
+    original = SWITCH.original(module)  # also right in a copy of a model made while hooked
     if original != "eager":
         # typed differently across transformers 5.x (Any, then a plain function)
         return cast(Kernel, AttentionInterface._global_mapping[original])
@@ -445,16 +413,6 @@ class ResultTap:
         return self.module.register_forward_hook(mark_tap(hook), prepend=True)
 
 
-def restore_kernel_names(model: nn.Module) -> None:
-    """Point configs in `model` (a copy made while pattern hooks were attached) back at their
-    own attention implementation: the copy has none of the original's routes."""
-    for module in model.modules():
-        config: Any = getattr(module, "config", None)
-        name = getattr(config, "_attn_implementation", None)
-        if isinstance(name, str) and name.startswith(_PREFIX):
-            config._attn_implementation = name.removeprefix(_PREFIX)
-
-
 def patterns_active() -> bool:
     """Whether any model currently routes attention through the pattern hooks."""
-    return bool(_SWITCHES)
+    return SWITCH.active()

@@ -542,8 +542,8 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         get this bridge's permanent and plain ``add_hook`` hooks (not the hooks of a call in
         progress); from then on the two are independent.
         """
-        from bridge_core.attention import restore_kernel_names
         from bridge_core.hooks import strip_taps
+        from bridge_core.switches import restore_kernel_names
 
         model = copy.deepcopy(self.original_model, memo)
         strip_taps(model)

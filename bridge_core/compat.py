@@ -64,8 +64,8 @@ def enable_compatibility_mode(
         raise BridgeError(
             "compatibility mode folds pre-norm layer norms; these blocks are post-norm"
         )
-    from bridge_core.attention import restore_kernel_names
     from bridge_core.hooks import strip_taps
+    from bridge_core.switches import restore_kernel_names
 
     model = copy.deepcopy(bridge.original_model)
     strip_taps(model)  # nothing of this bridge's taps comes along (as in its __deepcopy__)

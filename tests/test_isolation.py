@@ -192,3 +192,21 @@ def test_a_shared_tap_serves_two_bridges_over_one_model(family: str, name: str) 
         first(**inputs)
     assert fired == {"first": 2, "second": 1}  # the second's removal left the first's hook
     first.reset_hooks()
+
+
+def test_a_copy_taken_while_experts_are_routed_runs_its_own_kernel() -> None:
+    from bridge_adapters.families import FAMILIES
+    from bridge_core.verify import example_inputs
+
+    model, _ = FAMILIES["mixtral"]()
+    bridge = TransformerBridge.wrap(model)
+    inputs = example_inputs(bridge)
+    with torch.no_grad():
+        plain = bridge(**inputs)
+        with bridge.hooks(fwd_hooks=[("blocks.0.mlp.experts.1.hook_pre", lambda x, hook: None)]):
+            clone = copy.deepcopy(bridge)
+        assert clone.original_model.config._experts_implementation == "grouped_mm"
+        assert torch.equal(clone(**inputs), plain)
+        _, cache = clone.run_with_cache(**inputs, names_filter="blocks.0.mlp.experts.1.hook_pre")
+    assert cache["blocks.0.mlp.experts.1.hook_pre"].shape[-1] == 48
+    assert model.config._experts_implementation == "grouped_mm"

@@ -31,10 +31,10 @@ from torch import nn
 from bridge_core.attention import exact_with_grad
 from bridge_core.errors import BridgeError
 from bridge_core.hooks import Handle, Run, Runs, mark_tap
+from bridge_core.switches import PREFIX, KernelSwitch
 
 Which = Literal["in", "pre", "pre_linear", "post", "out"]
 ExpertsForward = Callable[..., torch.Tensor]
-_PREFIX = "transformer_bridge|"
 _SUPPORTED = ("eager", "grouped_mm", "batched_mm")
 """Implementations that compute the eager formula (fused kernels such as deepgemm do not)."""
 
@@ -51,18 +51,6 @@ class _Route:
 _ROUTES: weakref.WeakKeyDictionary[nn.Module, _Route] = weakref.WeakKeyDictionary()
 
 
-@dataclass
-class _Switch:
-    """A config whose experts implementation we point at the router, and its users."""
-
-    config: Any
-    original: str
-    users: set[int] = field(default_factory=set)
-
-
-_SWITCHES: dict[int, _Switch] = {}
-
-
 @dataclass(frozen=True)
 class ExpertTap:
     """One activation of one expert: its input rows, gate, up, hidden or output rows.
@@ -77,10 +65,10 @@ class ExpertTap:
     which: Which
 
     def attach(self, run: Run) -> Handle:
-        check_experts(self.experts)
-        _switch_on(self.experts)
         route = _ROUTES.get(self.experts)
-        if route is None:
+        if route is None:  # the module's first hooked tap: check it and switch its config
+            check_experts(self.experts)
+            SWITCH.on(self.experts)
             route = _ROUTES[self.experts] = _Route()
             route.checks = _watch(self.layer, self.experts, route)
         route.runs.add((self.expert, self.which), run)
@@ -102,7 +90,7 @@ class _Detach:
             for handle in route.checks:
                 handle.remove()
             _ROUTES.pop(self.experts, None)
-            _switch_off(self.experts)
+            SWITCH.off(self.experts)
 
 
 def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,57 +178,38 @@ def _watch(layer: nn.Module, experts: nn.Module, route: _Route) -> tuple[Handle,
     )
 
 
-def _config_of(experts: nn.Module) -> Any:
-    config = getattr(experts, "config", None)
-    if config is None or not hasattr(config, "_experts_implementation"):
-        raise BridgeError(
-            f"per-expert hook points need the experts module to read its kernel from "
-            f"config._experts_implementation; {_named(experts)} has no such config"
-        )
-    return config
-
-
-def _switch_on(experts: nn.Module) -> None:
-    config = _config_of(experts)
-    switch = _SWITCHES.get(id(config))
-    if switch is None:
-        original = config._experts_implementation or "eager"
-        if original not in _SUPPORTED:
-            raise BridgeError(
-                f"{_named(experts)} runs the {original!r} experts implementation, whose "
-                "per-expert activations the bridge cannot reproduce; per-expert hook points "
-                f"need one of {list(_SUPPORTED)}: load the model with "
-                "experts_implementation='grouped_mm' (or 'eager') to hook them"
-            )
-        _register_router()
-        switch = _SWITCHES[id(config)] = _Switch(config, original)
-        config._experts_implementation = _PREFIX + "experts"
-    switch.users.add(id(experts))
-
-
-def _switch_off(experts: nn.Module) -> None:
-    config = _config_of(experts)
-    switch = _SWITCHES.get(id(config))
-    if switch is None:
-        return
-    switch.users.discard(id(experts))
-    if not switch.users:
-        config._experts_implementation = switch.original
-        del _SWITCHES[id(config)]
-
-
-def _register_router() -> None:
+def _register_router(original: str) -> None:
     from transformers.integrations.moe import ExpertsInterface
 
-    key = _PREFIX + "experts"
+    key = PREFIX + original
     if key not in ExpertsInterface._global_mapping:
         ExpertsInterface.register(key, route_experts)
+
+
+def _refuse(experts: nn.Module, original: str) -> BridgeError:
+    return BridgeError(
+        f"{_named(experts)} runs the {original!r} experts implementation, whose "
+        "per-expert activations the bridge cannot reproduce; per-expert hook points "
+        f"need one of {list(_SUPPORTED)}: load the model with "
+        "experts_implementation='grouped_mm' (or 'eager') to hook them"
+    )
+
+
+SWITCH = KernelSwitch(
+    attribute="_experts_implementation",
+    what="experts",
+    supported=_SUPPORTED,
+    router_name=lambda original: PREFIX + original,
+    register=_register_router,
+    refuse=_refuse,
+)
+"""Points a hooked experts module's config at `route_experts` (see `bridge_core.switches`)."""
 
 
 def _original_forward(experts: nn.Module) -> ExpertsForward:
     from transformers.integrations.moe import ExpertsInterface
 
-    original = _SWITCHES[id(_config_of(experts))].original
+    original = SWITCH.original(experts)
     if original != "eager":
         return cast(ExpertsForward, ExpertsInterface._global_mapping[original])
     return cast(ExpertsForward, inspect.unwrap(type(experts).forward))  # the class's own
@@ -355,4 +324,4 @@ def routed_tokens(
 
 def experts_active() -> bool:
     """Whether any model currently routes its experts through per-expert hooks."""
-    return bool(_SWITCHES)
+    return SWITCH.active()
