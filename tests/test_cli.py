@@ -137,6 +137,28 @@ def test_plugins_lists_load_errors_with_the_original_message(
     sys.modules.pop("tb_cli_broken", None)
 
 
+def test_plugins_lists_a_plugin_that_exits_at_import(
+    cli: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    """Issue 11: a plugin calling sys.exit() at import silenced the CLI."""
+    site = tmp_path / "site"
+    dist = site / "tb_cli_exits-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tb-cli-exits\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[transformer_bridge]\nexits = tb_cli_exits\n")
+    (site / "tb_cli_exits.py").write_text("import sys\nsys.exit(4)\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("TRANSFORMER_BRIDGE_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+
+    code, out, _ = cli("--plain", "plugins")
+
+    assert code == 1
+    assert "bridge_adapters.plugin" in out
+    rows = [line for line in out.splitlines() if line.startswith("exits ")]
+    assert rows and "SystemExit(4)" in rows[0]
+    sys.modules.pop("tb_cli_exits", None)
+
+
 @pytest.mark.parametrize("fmt", ["toml", "json"])
 def test_spec_show_prints_a_spec_that_round_trips(cli: Run, fmt: str) -> None:
     code, out, _ = cli("spec", "show", "llama", "--format", fmt)
