@@ -14,7 +14,7 @@ from torch import nn
 from bridge_core import forward_options, tokens
 from bridge_core.cache import ActivationCache
 from bridge_core.components.base import GeneralizedComponent
-from bridge_core.errors import BridgeError, HookNameError, InputError, SpecError, did_you_mean
+from bridge_core.errors import BridgeError, HookNameError, InputError, did_you_mean
 from bridge_core.hooked_root import HookedRoot, slice_store
 from bridge_core.hooked_root import HookSpec as HookSpec  # re-exported for callers
 from bridge_core.hooks import running
@@ -70,13 +70,9 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         from bridge_core.assembly import Assembler, collect_names
         from bridge_core.registry import get_registry
 
-        built = Assembler(self.adapter, model, self.cfg, registry or get_registry()).build()
-        for name in built:
-            if hasattr(TransformerBridge, name) or name in ("original_model", "adapter", "cfg"):
-                raise SpecError(
-                    f"adapter spec {self.adapter.name!r} (model {type(model).__name__}): "
-                    f"component name {name!r} is taken by a TransformerBridge attribute"
-                )
+        registry = registry or get_registry()
+        reserved = RESERVED_NAMES | {n for n in vars(self) if not n.startswith("_")}
+        built = Assembler(self.adapter, model, self.cfg, registry, reserved).build()
         self.original_model = model
         self.attached_points = 0
         """How many hook points have a hook (and their tap) attached right now."""
@@ -592,6 +588,20 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
 
     def __repr__(self) -> str:
         return f"TransformerBridge({self.adapter.name}: {type(self.original_model).__name__})"
+
+
+RESERVED_NAMES = (
+    frozenset(dir(TransformerBridge))
+    | frozenset(vars(nn.Module()))
+    | {
+        "original_model",
+        "adapter",
+        "cfg",
+        "attached_points",
+        "compatibility_mode",
+    }
+)
+"""Names a top-level component cannot take: the bridge's own attributes."""
 
 
 def _outside_compile(bridge: TransformerBridge, args: Any, kwargs: Any) -> Any:

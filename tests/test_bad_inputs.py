@@ -5,6 +5,7 @@ Each test is one row group of the bad-input matrix in docs/errors.md.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -153,3 +154,197 @@ def test_a_plugin_hook_that_returns_the_wrong_type(hook: str, returned: Any, mes
     # nothing half-registered: not even the valid hook's adapter, and the name is free again
     assert (registry.adapters(), registry.plugins(), registry.component_kinds()) == before
     assert registry.register(SimpleNamespace(), name="odd") == "odd"
+
+
+# -- specs are data (issue 11) ------------------------------------------------------------
+
+
+def _gpt2_data(**update: Any) -> dict[str, Any]:
+    data: dict[str, Any] = gpt2_spec().model_dump(mode="json", exclude_defaults=True)
+    data.update(update)
+    return data
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    """The gpt2 spec with a component whose submodules nest `depth` levels deep."""
+    data = _gpt2_data()
+    leaf: dict[str, Any] = {"kind": "module", "path": "."}
+    for _ in range(depth):
+        leaf = {"kind": "module", "path": ".", "submodules": {"inner": leaf}}
+    data["components"]["deep"] = leaf
+    return data
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> Path:
+    import json
+
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _write_toml(path: Path, data: dict[str, Any]) -> Path:
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def _validate(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``transformer-bridge spec validate PATH``: (exit code, the error line)."""
+    from bridge_core.cli import main
+
+    code = main(["spec", "validate", str(path)])
+    return code, capsys.readouterr().err.strip()
+
+
+MALFORMED_SPECS: dict[str, tuple[Any, str]] = {
+    # name: (writer(tmp_path) -> path, what the SpecError says after the file or spec name)
+    "nested too deep (JSON)": (
+        lambda d: d.joinpath("deep.json").write_text('{"name": ' + "[" * 5000 + "]" * 5000 + "}"),
+        r"deep\.json, key 'name' \(line 1, column \d+\): nested deeper than 64 levels",
+    ),
+    "nested too deep (TOML)": (
+        lambda d: d.joinpath("deep.toml").write_text("name = " + "[" * 5000 + "]" * 5000),
+        r"deep\.toml, key 'name' \(line 1, column \d+\): nested deeper than 64 levels",
+    ),
+    "submodules nested too deep": (
+        lambda d: _write_json(d / "deep.json", _nested(70)),
+        r"deep\.json(, key 'inner' \(line 1, column \d+\))?: nested deeper than 64 levels",
+    ),
+    "not UTF-8": (
+        lambda d: d.joinpath("latin1.toml").write_bytes(b'name = "caf\xe9"\n'),
+        r"latin1\.toml, key 'name' \(line 1, column 12\): byte 0xe9 is not UTF-8",
+    ),
+    "duplicate JSON key": (
+        lambda d: d.joinpath("dup.json").write_text(
+            '{"name": "a", "architectures": [], "name": "b", "components": {}}'
+        ),
+        r"dup\.json, key 'name': given twice in one JSON object",
+    ),
+    "component named like a hook point": (
+        lambda d: _write_toml(
+            d / "hook.toml",
+            _gpt2_data(
+                components={
+                    **_gpt2_data()["components"],
+                    "hook_embed": {"kind": "embedding", "path": "x"},
+                }
+            ),
+        ),
+        r"components: .*component names \['hook_embed'\] are not accepted",
+    ),
+    "component named like a kind's attribute": (
+        lambda d: _write_toml(
+            d / "attr.toml",
+            _gpt2_data(
+                components={
+                    **_gpt2_data()["components"],
+                    "ln_final": {
+                        "kind": "normalization",
+                        "path": "transformer.ln_f",
+                        "submodules": {"forward": {"kind": "module", "path": "."}},
+                    },
+                }
+            ),
+        ),
+        r"components\.ln_final\.submodules\.forward: component name 'forward' is taken by an "
+        r"attribute of NormalizationBridge",
+    ),
+    "component named like a bridge attribute": (
+        lambda d: _write_toml(
+            d / "cfg.toml",
+            _gpt2_data(
+                components={
+                    **_gpt2_data()["components"],
+                    "cfg": {"kind": "module", "path": "lm_head"},
+                }
+            ),
+        ),
+        r"components\.cfg: component name 'cfg' is taken by an attribute of TransformerBridge",
+    ),
+    "an alias defined twice once templates expand": (
+        lambda d: _write_toml(
+            d / "twice.toml",
+            _gpt2_data(
+                hook_aliases={
+                    "blocks.{i}.hook_stream": "blocks.{i}.hook_out",
+                    "blocks.1.hook_stream": "blocks.1.hook_in",
+                }
+            ),
+        ),
+        r"hook_aliases\.blocks\.1\.hook_stream: defines the same alias as "
+        r"hook_aliases\.blocks\.\{i\}\.hook_stream",
+    ),
+    "a placeholder other than {i}": (
+        lambda d: _write_toml(
+            d / "j.toml", _gpt2_data(hook_aliases={"blocks.{j}.hook_stream": "blocks.{j}.hook_out"})
+        ),
+        r"hook_aliases: .*\{j\} is no placeholder",
+    ),
+    "aliases in a circle": (
+        lambda d: _write_toml(
+            d / "circle.toml",
+            _gpt2_data(hook_aliases={"stream_a": "stream_b", "stream_b": "stream_a"}),
+        ),
+        r"hook_aliases\.stream_a: aliases point at each other in a circle "
+        r"\(stream_a -> stream_b -> stream_a\)",
+    ),
+    "a fixed config value that does not validate": (
+        lambda d: _write_toml(
+            d / "fixed.toml",
+            _gpt2_data(config={**_gpt2_data()["config"], "fixed": {"normalization_type": "BN"}}),
+        ),
+        r"normalization_type: Input should be 'LN' or 'RMS' \(got 'BN'\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_SPECS))
+def test_a_malformed_spec_is_a_spec_error_from_wrap_and_from_spec_validate(
+    case: str,
+    tmp_path: Path,
+    text_models: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 11: nested, non-UTF-8, colliding, template and duplicate-key specs raised bare
+    Python errors (or passed `spec validate` and failed in `wrap`)."""
+    write, message = MALFORMED_SPECS[case]
+    write(tmp_path)
+    (path,) = tmp_path.iterdir()
+    model, _ = text_models["gpt2"]
+
+    with pytest.raises(SpecError, match=message):
+        TransformerBridge.wrap(model, adapter=path)
+    code, line = _validate(path, capsys)
+    assert code == 1 and re.search(message, line), line
+    assert str(path) in line
+
+
+def test_alias_resolution_does_not_depend_on_table_order(text_models: dict[str, Any]) -> None:
+    """Issue 11: an alias pointing at an alias defined later in the table was 'no hook point'."""
+    model, _ = text_models["gpt2"]
+    chain = [
+        ("stream_in", "first_stream"),
+        ("first_stream", "blocks.0.hook_in"),
+        ("blocks.{i}.mid", "blocks.{i}.stream"),
+        ("blocks.{i}.stream", "blocks.{i}.ln2.hook_in"),
+    ]
+    resolved = []
+    for order in (chain, chain[::-1]):
+        bridge = TransformerBridge.wrap(model, adapter=gpt2_spec(hook_aliases=dict(order)))
+        resolved.append(bridge.hook_aliases())
+    assert resolved[0] == resolved[1]
+    assert resolved[0]["stream_in"] == "blocks.0.hook_in"
+    assert resolved[0]["blocks.1.mid"] == "blocks.1.ln2.hook_in"
+
+
+def test_a_spec_dict_nested_too_deep_names_the_key_path() -> None:
+    """A plugin's dict spec is checked without recursion, so no RecursionError anywhere."""
+    registry = Registry(autoload=False)
+    deep = {**_nested(200), "name": "deep", "architectures": ["DeepForCausalLM"]}
+    plugin = SimpleNamespace(register_adapters=returning([deep]))
+    with pytest.raises(PluginLoadError) as error:
+        registry.register(plugin, name="deep")
+    message = str(error.value)
+    assert "plugin 'deep' hook register_adapters" in message
+    assert "nests deeper than 64 levels at components.deep.submodules.inner" in message
