@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Callable, Sequence
@@ -371,6 +372,7 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
             InputError: inputs the model cannot take (a component's `check_inputs` says why).
         """
         inputs = self._inputs(input, images, prepend_bos, padding_side, **kwargs)
+        tokens.check_positions(inputs, self.cfg.n_ctx, self.cfg.positional_embedding_type)
         for component in self.children():
             if isinstance(component, GeneralizedComponent):
                 component.check_inputs(inputs)
@@ -510,7 +512,8 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         points = self._names.points
         fwd = [(n, recorder.saver(n, points[n])) for n in selected]
         bwd = [(n, recorder.saver(f"{n}_grad", points[n])) for n in selected] if incl_bwd else []
-        with self.hooks(fwd, bwd, clear_contexts=clear_contexts):
+        grad = torch.enable_grad() if incl_bwd else contextlib.nullcontext()
+        with grad, self.hooks(fwd, bwd, clear_contexts=clear_contexts):  # also under no_grad()
             output = self._eager_call(*args, **kwargs)
             if incl_bwd:
                 _backward(output, metric)
@@ -625,6 +628,12 @@ def _check_backward(incl_bwd: bool, metric: Any, return_type: Any) -> None:
     if metric is not None and not callable(metric):
         raise InputError(
             f"metric must be a function output -> scalar (got {type(metric).__name__})"
+        )
+    if incl_bwd and torch.is_inference_mode_enabled():
+        raise InputError(
+            "incl_bwd=True needs gradients, which torch.inference_mode() forbids (tensors made "
+            "in it cannot enter autograd). Accepted: run_with_cache(incl_bwd=True) outside "
+            "inference_mode (under torch.no_grad() it works: it enables gradients for the call)"
         )
     if incl_bwd and metric is None and return_type not in ("loss", "both"):
         raise InputError(

@@ -17,6 +17,7 @@ from bridge_adapters.tiny import build_tokenizer
 from bridge_core import (
     AdapterSpec,
     HookPoint,
+    HookReturnError,
     InputError,
     PluginLoadError,
     SpecError,
@@ -90,6 +91,77 @@ def test_one_string_in_a_list_needs_no_pad_token(text_models: dict[str, Any]) ->
     assert bridge(same_length).shape[0] == 2  # equal lengths: nothing to pad either
     with pytest.raises(InputError, match=r"different lengths \(\d+, \d+ tokens\).*no pad token"):
         bridge(["hello world", "the cat sat on the mat"])
+
+
+def test_an_empty_prompt_is_our_error_or_runs_with_a_bos(gpt2_bridge: TransformerBridge) -> None:
+    """Issue 11: an empty prompt failed deep inside HF ("cannot reshape tensor of 0 elements")."""
+    with pytest.raises(InputError, match=r"the text input '' tokenizes to no tokens.*prepend_bos"):
+        gpt2_bridge("")
+    with pytest.raises(InputError, match=r"the text input \[''\] tokenizes to no tokens"):
+        gpt2_bridge.run_with_cache([""])
+    with pytest.raises(InputError, match=r"input_ids has no positions \(shape \(1, 0\)\)"):
+        gpt2_bridge(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(InputError, match="an empty list of texts"):
+        gpt2_bridge([])
+    bos = gpt2_bridge.tokenizer.bos_token_id
+    with torch.no_grad():  # with the BOS the tokenizer has, an empty text is one token
+        expected = gpt2_bridge.original_model(torch.tensor([[bos]])).logits
+    assert torch.equal(gpt2_bridge("", prepend_bos=True), expected)
+    assert no_hooks(gpt2_bridge)
+
+
+def test_a_prompt_longer_than_the_learned_positions_is_our_error(
+    gpt2_bridge: TransformerBridge, llama_bridge: TransformerBridge
+) -> None:
+    """Issue 11: GPT-2 with more than n_ctx tokens failed with "index out of range in self"."""
+    n_ctx = gpt2_bridge.cfg.n_ctx
+    assert n_ctx == 128
+    too_long = torch.randint(3, 500, (1, n_ctx + 1))
+    with pytest.raises(InputError, match=r"input_ids has 129 positions, but the model's learned "
+                       r"position embeddings cover 128 \(cfg.n_ctx\)"):  # fmt: skip
+        gpt2_bridge.run_with_cache(too_long)
+    with pytest.raises(InputError, match=r"max_new_tokens=5 would make 131.*cover 128"):
+        gpt2_bridge.generate(too_long[:, :126], max_new_tokens=5)
+    assert gpt2_bridge(too_long[:, :n_ctx]).shape == (1, n_ctx, 512)  # n_ctx itself runs
+    # rotary positions run past n_ctx in HF, and so they do here
+    ids = too_long.clamp(max=llama_bridge.cfg.d_vocab - 1)
+    with torch.no_grad():
+        expected = llama_bridge.original_model(ids).logits
+    assert torch.equal(llama_bridge(ids), expected)
+    assert no_hooks(gpt2_bridge)
+
+
+def test_a_hook_returning_a_tensor_on_another_device_is_our_error(
+    gpt2_bridge: TransformerBridge, ids: torch.Tensor
+) -> None:
+    """Issue 11: "Tensor on device cpu is not on the expected device meta!" from inside torch."""
+
+    def elsewhere(tensor: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        return tensor.to("meta")
+
+    with pytest.raises(HookReturnError) as error:
+        gpt2_bridge.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_resid_pre", elsewhere)])
+    message = str(error.value)
+    assert "on 'blocks.0.hook_in' returned a tensor on meta; the activation is on cpu" in message
+    assert "Accepted: a tensor on the activation's device" in message
+    assert no_hooks(gpt2_bridge)
+
+
+def test_incl_bwd_under_no_grad_computes_the_gradients(
+    gpt2_bridge: TransformerBridge, ids: torch.Tensor
+) -> None:
+    """Issue 11: "element 0 of tensors does not require grad" from inside torch."""
+    names = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post"]
+    kwargs: dict[str, Any] = {"names_filter": names, "incl_bwd": True, "return_type": "loss"}
+    _, expected = gpt2_bridge.run_with_cache(ids, **kwargs)
+    with torch.no_grad():
+        _, cache = gpt2_bridge.run_with_cache(ids, **kwargs)
+        assert not torch.is_grad_enabled()  # the caller's mode is back
+    for name in names:
+        assert torch.equal(cache[f"{name}_grad"], expected[f"{name}_grad"])
+    with torch.inference_mode(), pytest.raises(InputError, match=r"forbids.*inference_mode"):
+        gpt2_bridge.run_with_cache(ids, **kwargs)
+    assert no_hooks(gpt2_bridge)
 
 
 @pytest.mark.parametrize(
