@@ -245,6 +245,36 @@ def test_names_matching_nothing(cli: Run, saved_gpt2: Path) -> None:
     assert "Did you mean 'blocks.1.hook_resid_post'" in line and "glob patterns" in line
 
 
+def test_an_empty_prompt_is_run_or_refused_never_replaced(cli: Run, saved_gpt2: Path) -> None:
+    """Issue 11: --prompt "" ran the default prompt instead."""
+    code, out, err = cli("--plain", "run", saved_gpt2, "--prompt", "")
+    line = one_error_line(err)
+    assert code == 2 and "--prompt '': the text input '' tokenizes to no tokens" in line
+    assert "quick brown fox" not in out + err
+    code, out, _ = cli("--plain", "hooks", saved_gpt2, "--prompt", "")  # the dry run, too
+    assert code == 2
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (("--names", ","), "--names ',' names no hook point"),
+        (("--names", " , ", ","), "names no hook point"),
+        (("--top-k", "-3"), "argument --top-k: '-3' is no integer >= 0"),
+        (("--device", "gpu"), "argument --device: 'gpu' is no torch device"),
+        (("--device", "cuda:99"), "argument --device: 'cuda:99': this machine has"),
+        (("--device", "meta"), "argument --device: 'meta' holds no weights"),
+    ],
+)
+def test_bad_run_options_are_usage_errors(
+    cli: Run, saved_gpt2: Path, option: tuple[str, ...], message: str
+) -> None:
+    """Issue 11: --names , and --top-k -3 were accepted; a bad --device exited 1."""
+    code, _, err = cli("run", saved_gpt2, "--prompt", "hi", *option)
+    assert code == 2 and message in err, err
+    assert "Accepted:" in err or "integer" in err
+
+
 def test_unknown_models(cli: Run, tmp_path: Path) -> None:
     code, _, err = cli("hooks", tmp_path / "nowhere")
     assert code == 2 and "does not exist. Accepted: a local directory" in one_error_line(err)
