@@ -102,6 +102,12 @@ class ActivationCache(TransformerLensAnalyses):
     # -- mapping -------------------------------------------------------------------------
 
     def _key(self, key: str | tuple[Any, ...]) -> str:
+        if not _is_key(key):
+            raise HookNameError(
+                f"cache keys are hook names or (name, layer) tuples; got {type(key).__name__} "
+                f"{key!r:.60}. Accepted: cache['blocks.0.hook_resid_pre'], an alias, or "
+                "TransformerLens's cache['resid_pre', 0] (cache.keys() lists the names)"
+            )
         name = self._act_name(key) if isinstance(key, tuple) else key
         for candidate in (name, self._canonical(name)):
             if candidate in self.cache_dict or candidate in self.call_lists:
@@ -126,7 +132,13 @@ class ActivationCache(TransformerLensAnalyses):
         if len(rest) == 2 and isinstance(sublayer, str) and _is_stack(self.model, sublayer):
             sublayer, stack = None, sublayer  # cache["resid_pre", 3, "decoder"]
         if isinstance(layer, int) and layer < 0:  # from the end of the stack
-            layer += _Stack.of(self, stack).n_layers
+            n_layers = _Stack.of(self, stack).n_layers
+            if layer < -n_layers:
+                raise HookNameError(
+                    f"cache[{key!r}]: layer {layer} is out of range for the {n_layers} layers "
+                    f"of {stack!r}. Accepted: 0..{n_layers - 1}, or -{n_layers}..-1 from the end"
+                )
+            layer += n_layers
         return act_name(name, layer, sublayer, stack)
 
     def _stack_hint(self, name: str) -> str:
@@ -173,11 +185,11 @@ class ActivationCache(TransformerLensAnalyses):
         return list(self.call_lists.get(name) or [self.cache_dict[name]])
 
     def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str | tuple):
+        if not _is_key(key):
             return False
         try:
-            self._key(key)
-        except HookNameError:
+            self._key(key)  # type: ignore[arg-type]  # _is_key checked it
+        except (HookNameError, InputError):  # ("resid_pre",) lacks its layer: not in the cache
             return False
         return True
 
@@ -248,7 +260,7 @@ class ActivationCache(TransformerLensAnalyses):
     ) -> torch.Tensor:
         """Stack one activation over layers 0..layer-1 (all if -1): ``[n_layers, ...]``."""
         layers = _Stack.of(self, stack)
-        n = layers.n_layers if layer == -1 else layer
+        n = layers.n_layers if layer == -1 else layers.index(layer, "stack_activation")
         return torch.stack(
             [self[act_name(activation_name, i, sublayer_type, stack)] for i in range(n)]
         )
@@ -270,7 +282,7 @@ class ActivationCache(TransformerLensAnalyses):
         """
         layers = _Stack.of(self, stack)
         n_layers = layers.n_layers
-        layer = n_layers if layer is None else layer % (n_layers + 1)
+        layer = n_layers if layer is None else layers.index(layer, "accumulated_resid")
         parts: list[torch.Tensor] = []
         labels: list[str] = []
         for i in range(layer):
@@ -323,7 +335,7 @@ class ActivationCache(TransformerLensAnalyses):
             raise InputError(f"mode must be 'all', 'attn' or 'mlp' (got {mode!r})")
         layers = _Stack.of(self, stack)
         n_layers = layers.n_layers
-        layer = n_layers if layer is None else layer % (n_layers + 1)  # -1: all, as TL
+        layer = n_layers if layer is None else layers.index(layer, "decompose_resid")  # -1: all
         terms = _embed_terms(self, layers) if incl_embeds else []
         for i in range(layer + int(mlp_input and layer < n_layers)):
             if mode in ("all", "attn"):
@@ -413,6 +425,21 @@ class _Stack:
             )
         return cls(cache, path, len(layers))
 
+    def index(self, layer: int, helper: str) -> int:
+        """A residual helper's `layer` as 0..n_layers (n_layers: after the last layer);
+        negative counts from the end (-1 is n_layers), as in TransformerLens.
+
+        Raises:
+            InputError: out of range, naming the helper, the stack and the range.
+        """
+        n = self.n_layers
+        if not isinstance(layer, int) or not -(n + 1) <= layer <= n:
+            raise InputError(
+                f"{helper}(layer={layer!r}): {self.path!r} has {n} layers. Accepted: 0..{n} "
+                f"({n}: after the last layer), -{n + 1}..-1 counted from the end, or None"
+            )
+        return layer % (n + 1)
+
     @property
     def is_language_model(self) -> bool:
         return self.path == "blocks"
@@ -463,6 +490,7 @@ class _Stack:
         """The norm component that reads the stream at `layer` (the final norm for None):
         ``ln_final`` after ``blocks``, ``<stack>_final_ln`` after another stack (TransformerLens's
         ``encoder_final_ln`` and ``decoder_final_ln``)."""
+        layer = None if layer is None else self.index(layer, "apply_ln_to_stack")
         if layer is None or layer == self.n_layers:
             final = "ln_final" if self.is_language_model else f"{self.path}_final_ln"
             if _module(self.cache.model, final) is not None:
@@ -531,6 +559,13 @@ def stacks_of(model: nn.Module) -> list[str]:
         and not any(part.isdigit() for part in name.split("."))
         and not name.startswith("original_model")
     ]
+
+
+def _is_key(key: object) -> bool:
+    """A hook name, or a (name, layer[, sublayer[, stack]]) tuple of TransformerLens's form."""
+    if isinstance(key, str):
+        return True
+    return isinstance(key, tuple) and 1 <= len(key) <= 4 and isinstance(key[0], str)
 
 
 def _module(model: nn.Module, path: str) -> nn.Module | None:

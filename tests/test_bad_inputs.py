@@ -16,6 +16,7 @@ import torch
 from bridge_adapters.tiny import build_tokenizer
 from bridge_core import (
     AdapterSpec,
+    HookNameError,
     HookPoint,
     HookReturnError,
     InputError,
@@ -420,3 +421,37 @@ def test_a_spec_dict_nested_too_deep_names_the_key_path() -> None:
     message = str(error.value)
     assert "plugin 'deep' hook register_adapters" in message
     assert "nests deeper than 64 levels at components.deep.submodules.inner" in message
+
+
+def test_a_residual_helper_layer_out_of_range_names_the_range(
+    gpt2_bridge: TransformerBridge, ids: torch.Tensor
+) -> None:
+    """Issue 11: accumulated_resid(layer=5) on a 2-layer model wrapped around to layer 2."""
+    _, cache = gpt2_bridge.run_with_cache(ids)
+    accepted = r"'blocks' has 2 layers\. Accepted: 0\.\.2 \(2: after the last layer\), -3\.\.-1"
+    with pytest.raises(InputError, match=r"accumulated_resid\(layer=5\): " + accepted):
+        cache.accumulated_resid(layer=5)
+    with pytest.raises(InputError, match=r"decompose_resid\(layer=-4\): " + accepted):
+        cache.decompose_resid(layer=-4)
+    with pytest.raises(InputError, match=r"apply_ln_to_stack\(layer=3\): " + accepted):
+        cache.apply_ln_to_stack(cache.accumulated_resid(), layer=3)
+    with pytest.raises(InputError, match=r"stack_activation\(layer=7\): " + accepted):
+        cache.stack_activation("resid_pre", layer=7)
+    # in range, negative layers count from the end as in TransformerLens
+    assert torch.equal(cache.accumulated_resid(layer=-1), cache.accumulated_resid())
+    assert torch.equal(cache.accumulated_resid(layer=-2), cache.accumulated_resid(layer=1))
+
+
+def test_cache_keys_of_the_wrong_form(gpt2_bridge: TransformerBridge, ids: torch.Tensor) -> None:
+    """Issue 11: cache[0] raised AttributeError; ("resid_pre",) in cache raised."""
+    _, cache = gpt2_bridge.run_with_cache(ids, names_filter="blocks.0.hook_resid_pre")
+    wrong_form = r"cache keys are hook names or \(name, layer\) tuples; got int 0\. Accepted: "
+    with pytest.raises(HookNameError, match=wrong_form + r"cache\['blocks\.0\.hook_resid_pre'\]"):
+        cache[0]  # type: ignore[index]  # on purpose
+    with pytest.raises(HookNameError, match=r"layer -3 is out of range for the 2 layers"):
+        cache["resid_pre", -3]
+    assert ("resid_pre",) not in cache  # no layer: not in the cache, no error
+    assert ("resid_pre", 0) in cache and ("resid_pre", -2) in cache  # -2 of 2 is layer 0
+    assert ("resid_pre", 1) not in cache
+    assert 0 not in cache and ("resid_pre", 0, None, "blocks", "extra") not in cache
+    assert torch.equal(cache["resid_pre", -2], cache["blocks.0.hook_resid_pre"])
