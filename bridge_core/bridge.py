@@ -7,7 +7,7 @@ import copy
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -28,13 +28,13 @@ from bridge_core.text import TextMixin
 
 if TYPE_CHECKING:  # pydantic-backed: imported by the first wrap/boot, not with the package
     from bridge_core.config import TransformerBridgeConfig
-    from bridge_core.multimodal import ImageLayout
+    from bridge_core.layout import ImageLayout
+    from bridge_core.loading import AdapterArg
     from bridge_core.registry import Registry
     from bridge_core.spec import AdapterSpec
     from bridge_core.verify import VerifyReport
 
 ReturnType = Literal["logits", "loss", "both", "raw"] | None
-AdapterArg: TypeAlias = "str | Path | AdapterSpec | None"
 
 
 class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module):

@@ -20,12 +20,12 @@ from bridge_core.errors import InputError
 from bridge_core.hooks import running
 
 if TYPE_CHECKING:
-    from bridge_core.bridge import TransformerBridge
+    from bridge_core.bridgelike import BridgeLike
     from bridge_core.hooked_root import HookSpec
 
 
 def generate(
-    bridge: TransformerBridge,
+    bridge: BridgeLike,
     input: tokens.TextInput | torch.Tensor | None = None,
     *,
     images: Any = None,
@@ -76,7 +76,7 @@ STEP_KEYS = ("step", "positions")
 
 
 @contextmanager
-def _steps(bridge: TransformerBridge) -> Iterator[None]:
+def _steps(bridge: BridgeLike) -> Iterator[None]:
     """Set ``ctx["step"]`` and ``ctx["positions"]`` of the hooked points before each forward."""
     points = list(bridge.hook_dict.values())
     state = {"step": 0, "seen": 0}

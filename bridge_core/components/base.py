@@ -11,7 +11,7 @@ from bridge_core import expr
 from bridge_core.hooks import HookPoint, InputTap, OutputTap
 
 if TYPE_CHECKING:
-    from bridge_core.multimodal import ImageLayout, LayoutRequest
+    from bridge_core.layout import ImageLayout, LayoutRequest
 
 Shape = tuple[int | str, ...]
 """A shape in symbols, ``("batch", "pos", "d_model")``: see `GeneralizedComponent.dims`."""
