@@ -328,8 +328,8 @@ class Registry:
                 conflicts.append(
                     DuplicateAdapterError(
                         f"plugin {name!r} registers adapter {spec.name!r}, which plugin "
-                        f"{owner!r} already registers; {owner!r}'s stays in force (pick "
-                        f"this one with adapter='{name}:{spec.name}')"
+                        f"{owner!r} already registers; that one stays in force for every "
+                        f"model (pick this one with adapter='{name}:{spec.name}')"
                     )
                 )
                 continue
@@ -348,8 +348,8 @@ class Registry:
                     conflicts.append(
                         DuplicateAdapterError(
                             f"plugin {name!r} registers component kind {kind!r}, which plugin "
-                            f"{plugin!r} already registers; {plugin!r}'s stays in force (a "
-                            f"spec picks this one with kind = '{name}:{kind}')"
+                            f"{plugin!r} already registers; that one stays in force for every "
+                            f"model (a spec picks this one with kind = '{name}:{kind}')"
                         )
                     )
                     break

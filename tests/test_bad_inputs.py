@@ -354,6 +354,14 @@ MALFORMED_SPECS: dict[str, tuple[Any, str]] = {
         ),
         r"hook_aliases: .*\{j\} is no placeholder",
     ),
+    "an alias template with a fixed target": (
+        lambda d: _write_toml(
+            d / "fixed.toml",
+            _gpt2_data(hook_aliases={"blocks.{i}.hook_final": "ln_final.hook_out"}),
+        ),
+        r"hook_aliases: .*'blocks\.\{i\}\.hook_final' = 'ln_final\.hook_out': a template has "
+        r"'\{i\}' in both the alias and the target",
+    ),
     "aliases in a circle": (
         lambda d: _write_toml(
             d / "circle.toml",
