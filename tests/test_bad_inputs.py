@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from bridge_adapters.families import tiny_roberta
 from bridge_adapters.tiny import build_tokenizer
 from bridge_core import (
     AdapterSpec,
@@ -124,6 +125,14 @@ def test_a_prompt_longer_than_the_learned_positions_is_our_error(
     with pytest.raises(InputError, match=r"max_new_tokens=5 would make 131.*cover 128"):
         gpt2_bridge.generate(too_long[:, :126], max_new_tokens=5)
     assert gpt2_bridge(too_long[:, :n_ctx]).shape == (1, n_ctx, 512)  # n_ctx itself runs
+    # RoBERTa's positions start after the padding id: n_ctx is what the table has left
+    roberta = TransformerBridge.wrap(tiny_roberta()[0])
+    config = roberta.original_model.config
+    assert roberta.cfg.n_ctx == config.max_position_embeddings - config.pad_token_id - 1
+    no_pad = too_long.clamp(min=config.pad_token_id + 1)
+    assert roberta(no_pad[:, : roberta.cfg.n_ctx]).shape[1] == roberta.cfg.n_ctx
+    with pytest.raises(InputError, match="learned position embeddings cover"):
+        roberta(no_pad[:, : roberta.cfg.n_ctx + 1])
     # rotary positions run past n_ctx in HF, and so they do here
     ids = too_long.clamp(max=llama_bridge.cfg.d_vocab - 1)
     with torch.no_grad():
