@@ -97,18 +97,21 @@ def test_one_string_in_a_list_needs_no_pad_token(text_models: dict[str, Any]) ->
 
 def test_an_empty_prompt_is_our_error_or_runs_with_a_bos(gpt2_bridge: TransformerBridge) -> None:
     """Issue 11: an empty prompt failed deep inside HF ("cannot reshape tensor of 0 elements")."""
-    with pytest.raises(InputError, match=r"the text input '' tokenizes to no tokens.*prepend_bos"):
-        gpt2_bridge("")
-    with pytest.raises(InputError, match=r"the text input \[''\] tokenizes to no tokens"):
-        gpt2_bridge.run_with_cache([""])
+    bos = gpt2_bridge.tokenizer.bos_token_id
+    with torch.no_grad():  # with a BOS (the default, as TransformerLens), "" is one token
+        expected = gpt2_bridge.original_model(torch.tensor([[bos]])).logits
+    assert gpt2_bridge.cfg.default_prepend_bos
+    assert torch.equal(gpt2_bridge(""), expected)
+    assert torch.equal(gpt2_bridge("", prepend_bos=True), expected)
+    no_bos = r"the text input {} tokenizes to no tokens, .* or prepend_bos=True"
+    with pytest.raises(InputError, match=no_bos.format("''")):
+        gpt2_bridge("", prepend_bos=False)
+    with pytest.raises(InputError, match=no_bos.format(r"\[''\]")):
+        gpt2_bridge.run_with_cache([""], prepend_bos=False)
     with pytest.raises(InputError, match=r"input_ids has no positions \(shape \(1, 0\)\)"):
         gpt2_bridge(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(InputError, match="an empty list of texts"):
         gpt2_bridge([])
-    bos = gpt2_bridge.tokenizer.bos_token_id
-    with torch.no_grad():  # with the BOS the tokenizer has, an empty text is one token
-        expected = gpt2_bridge.original_model(torch.tensor([[bos]])).logits
-    assert torch.equal(gpt2_bridge("", prepend_bos=True), expected)
     assert no_hooks(gpt2_bridge)
 
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from bridge_adapters import tiny
 from bridge_core import AdapterSpec, TransformerBridge, get_registry
 from bridge_core.cli import main
 from bridge_core.cli.demo import CACHE_ENV, DEFAULT_DIR, default_model
@@ -245,14 +246,23 @@ def test_names_matching_nothing(cli: Run, saved_gpt2: Path) -> None:
     assert "Did you mean 'blocks.1.hook_resid_post'" in line and "glob patterns" in line
 
 
-def test_an_empty_prompt_is_run_or_refused_never_replaced(cli: Run, saved_gpt2: Path) -> None:
-    """Issue 11: --prompt "" ran the default prompt instead."""
-    code, out, err = cli("--plain", "run", saved_gpt2, "--prompt", "")
-    line = one_error_line(err)
-    assert code == 2 and "--prompt '': the text input '' tokenizes to no tokens" in line
-    assert "quick brown fox" not in out + err
+def test_an_empty_prompt_is_run_or_refused_never_replaced(
+    cli: Run, saved_gpt2: Path, tmp_path: Path
+) -> None:
+    """Issue 11: --prompt "" ran the default prompt instead. It runs on the BOS token alone."""
+    code, out, _ = cli("--plain", "run", saved_gpt2, "--prompt", "")
+    assert code == 0 and "'', 1 tokens" in out
+    assert "quick brown fox" not in out
     code, out, _ = cli("--plain", "hooks", saved_gpt2, "--prompt", "")  # the dry run, too
+    assert code == 0 and "quick brown fox" not in out
+    # a tokenizer without BOS makes no token of it: a usage error naming --prompt
+    model, tokenizer = tiny.tiny_gpt2()
+    tokenizer.bos_token = None
+    no_bos = tiny.save_pretrained(model, tokenizer, tmp_path / "no-bos")
+    code, _, err = cli("run", no_bos, "--prompt", "")
     assert code == 2
+    last = err.strip().splitlines()[-1]  # after save_pretrained's progress bar
+    assert last.startswith("transformer-bridge: error: --prompt '': the text input '' tokenizes")
 
 
 @pytest.mark.parametrize(
