@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Collection, Iterator
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
 from bridge_core.components.base import GeneralizedComponent
+from bridge_core.config import TransformerBridgeConfig
 from bridge_core.errors import BridgeError, SpecError, did_you_mean
 from bridge_core.hooks import HookPoint, InputTap, OutputTap, Tap
 from bridge_core.naming import HookNames
@@ -18,17 +21,87 @@ from bridge_core.views import Flatten, Reshape, Select, Split, Step, Tokens, Tra
 Built = GeneralizedComponent | nn.ModuleList
 
 
+def check_spec(spec: AdapterSpec, registry: Registry, reserved: Collection[str] = ()) -> None:
+    """Every check of a spec that needs no model (`wrap` runs it first, ``spec validate`` alone).
+
+    Component kinds are registered and get their required options; component names are taken
+    by no attribute (of the bridge, `reserved`, or of the parent's kind); fixed config values
+    validate; no two alias keys define one alias and no aliases point at each other in a circle.
+
+    Raises:
+        SpecError: naming the spec, the key, and what is accepted.
+    """
+
+    def components(
+        tree: dict[str, ComponentSpec], where: str, taken: Collection[str], owner: str
+    ) -> None:
+        for key, component in tree.items():
+            place = f"{where}.{key}"
+            if key in taken:
+                raise _spec_error(
+                    spec,
+                    place,
+                    f"component name {key!r} is taken by an attribute of {owner}. Accepted: "
+                    "a name that is no attribute of it (e.g. 'my_' + the name)",
+                )
+            try:
+                cls = registry.component_class(component.kind)
+            except BridgeError as exc:
+                raise _spec_error(spec, f"{place}.kind", str(exc)) from exc
+            missing = [o for o in cls.required_options if o not in component.options]
+            if missing:
+                raise _spec_error(
+                    spec,
+                    f"{place}.options",
+                    f"kind {component.kind!r} needs the option(s) {missing} (got "
+                    f"{component.options})",
+                )
+            kind = f"{cls.__name__} (kind {component.kind!r})"
+            components(component.submodules, f"{place}.submodules", cls.reserved_names(), kind)
+
+    components(spec.components, "components", reserved, "TransformerBridge")
+    for field, value in spec.config.fixed.items():
+        annotation: Any = TransformerBridgeConfig.model_fields[field].annotation
+        try:
+            TypeAdapter(annotation).validate_python(value)
+        except ValidationError as exc:
+            problem = "; ".join(error["msg"] for error in exc.errors())
+            raise _spec_error(spec, f"config.fixed.{field}", f"{problem} (got {value!r})") from exc
+    _check_alias_keys(spec)
+
+
+def _spec_error(spec: AdapterSpec, where: str, message: str) -> SpecError:
+    return SpecError(f"adapter spec {spec.name!r}, {where}: {message}")
+
+
 class Assembler:
     """Turns `spec.components` into bridge components attached to `model`'s modules."""
 
-    def __init__(self, spec: AdapterSpec, model: nn.Module, config: Any, registry: Registry):
+    def __init__(
+        self,
+        spec: AdapterSpec,
+        model: nn.Module,
+        config: Any,
+        registry: Registry,
+        reserved: Collection[str] = (),
+    ):
+        """Args: reserved: names top-level components cannot take (the bridge's attributes)."""
         self.spec = spec
         self.model = model
         self.config = config
         self.registry = registry
+        self.reserved = reserved
 
     def build(self) -> dict[str, Built]:
-        """The top-level components, by name; optional ones absent from the model are skipped."""
+        """The top-level components, by name; optional ones absent from the model are skipped.
+
+        Raises:
+            SpecError: the spec fails `check_spec`, or does not fit the model.
+        """
+        try:
+            check_spec(self.spec, self.registry, self.reserved)
+        except SpecError as exc:
+            raise SpecError(f"{exc} (model {type(self.model).__name__})") from exc
         built: dict[str, Built] = {}
         for key, component in self.spec.components.items():
             entry = self._entry(component, self.model, key, f"components.{key}")
@@ -40,7 +113,7 @@ class Assembler:
         module = self._resolve(spec, parent, where)
         if module is None:
             return None
-        cls = self._kind(spec, where)
+        cls = self.registry.component_class(spec.kind)  # known: check_spec ran
         if not cls.is_list_item:
             return self._component(cls, spec, module, name, where)
         if not isinstance(module, nn.ModuleList | nn.Sequential):
@@ -68,7 +141,13 @@ class Assembler:
             child = self._entry(sub, module, f"{name}.{key}", f"{where}.submodules.{key}")
             if child is not None:
                 children[key] = child
-        component = cls(name, config=self.config, submodules=children, options=options)
+        try:
+            component = cls(name, config=self.config, submodules=children, options=options)
+        except (KeyError, TypeError) as exc:  # a child named like an attribute of the kind
+            clash = str(exc).strip("'\"")
+            raise self._error(
+                where, f"a component name is taken in {cls.__name__}: {clash}"
+            ) from exc
         try:
             for option in cls.size_options:
                 if option in spec.options and not isinstance(spec.options[option], list):
@@ -96,12 +175,6 @@ class Assembler:
             where, f"path {spec.path!r} does not exist in {type(parent).__name__}.{hint}"
         )
 
-    def _kind(self, spec: ComponentSpec, where: str) -> type[GeneralizedComponent]:
-        try:
-            return self.registry.component_class(spec.kind)
-        except BridgeError as exc:
-            raise self._error(where, str(exc)) from exc
-
     def _options(
         self, cls: type[GeneralizedComponent], spec: ComponentSpec, module: nn.Module, where: str
     ) -> dict[str, Any]:
@@ -110,12 +183,8 @@ class Assembler:
         A path option given as a list names candidates, tried in order like a component's
         `path`; when none exists in the module, the option is left out (T5's gated MLP has
         ``wi_0`` and ``wi_1`` where the plain one has ``wi``), unless the kind requires it.
+        Required options were checked by `check_spec`.
         """
-        missing = [o for o in cls.required_options if o not in spec.options]
-        if missing:
-            raise self._error(
-                where, f"kind {spec.kind!r} needs the option(s) {missing} (got {spec.options})"
-            )
         options = dict(spec.options)
         for option in cls.path_options:
             given = options.get(option)
@@ -268,11 +337,12 @@ def collect_names(components: dict[str, Built], spec: AdapterSpec) -> HookNames:
         for alias, target in component.hook_aliases.items():
             if alias in component.removed_aliases:
                 continue
+            if alias in component.extra_hooks:  # the spec declared a hook point of that name
+                continue
             full = f"{component.name}.{target}"
             if full in names.points or full in names.aliases:
                 names.add_alias(f"{component.name}.{alias}", full)
-    for alias, target in spec.hook_aliases.items():
-        _add_spec_alias(names, alias, target, spec)
+    _add_spec_aliases(names, spec)
     return names
 
 
@@ -294,18 +364,97 @@ def _add_point(
     names.points[point.name] = point
 
 
-def _add_spec_alias(names: HookNames, alias: str, target: str, spec: AdapterSpec) -> None:
-    if "{i}" not in alias:
-        _add_alias(names, alias, target, spec, alias)
-        return
-    i = 0
-    while (t := target.replace("{i}", str(i))) in names.points or t in names.aliases:
-        _add_alias(names, alias.replace("{i}", str(i)), t, spec, alias)
-        i += 1
-    if i == 0:
-        raise SpecError(
-            f"adapter spec {spec.name!r}, hook_aliases.{alias}: {target!r} matches no hook point"
-        )
+def _add_spec_aliases(names: HookNames, spec: AdapterSpec) -> None:
+    """The spec's aliases in dependency order, so that the order of the table does not matter:
+    an alias whose target is another key's alias is added after that one."""
+    pending = dict(spec.hook_aliases)
+    defined: dict[str, str] = {}  # alias -> the key that defined it
+    while pending:
+        ready = [
+            key
+            for key, target in pending.items()
+            if _exists(names, _first(target))
+            and not any(_defines(other, _first(target)) for other in pending if other != key)
+        ]
+        if not ready:
+            key, target = next(iter(pending.items()))
+            if "{i}" in key:
+                raise _spec_error(spec, f"hook_aliases.{key}", f"{target!r} matches no hook point")
+            _add_alias(names, key, target, spec, key)  # raises: names the missing target
+        for key in ready:
+            _expand(names, key, pending.pop(key), spec, defined)
+
+
+def _expand(
+    names: HookNames, key: str, target: str, spec: AdapterSpec, defined: dict[str, str]
+) -> None:
+    """Add the alias(es) of one key; a template for i = 0, 1, ... while the target exists."""
+    pairs = [(key, target)]
+    if "{i}" in key:
+        pairs, i = [], 0
+        while _exists(names, t := target.replace("{i}", str(i))):
+            pairs.append((key.replace("{i}", str(i)), t))
+            i += 1
+    for alias, resolved in pairs:
+        if alias in defined:
+            raise _spec_error(
+                spec,
+                f"hook_aliases.{key}",
+                f"alias {alias!r} is also defined by hook_aliases.{defined[alias]}; an alias "
+                "names one hook point. Accepted: one key per alias",
+            )
+        defined[alias] = key
+        _add_alias(names, alias, resolved, spec, key)
+
+
+def _exists(names: HookNames, name: str) -> bool:
+    return name in names.points or name in names.aliases
+
+
+def _first(target: str) -> str:
+    """A target as it is first looked up: a template's for i = 0."""
+    return target.replace("{i}", "0")
+
+
+def _defines(key: str, name: str) -> bool:
+    """Whether the alias key (plain or template) defines the alias `name`."""
+    if "{i}" not in key:
+        return key == name
+    pattern = "".join(r"\d+" if part == "{i}" else re.escape(part) for part in _split(key))
+    return re.fullmatch(pattern, name) is not None
+
+
+def _split(key: str) -> list[str]:
+    return [part for part in re.split(r"(\{i\})", key) if part]
+
+
+def _check_alias_keys(spec: AdapterSpec) -> None:
+    """Model-free: no two keys define one alias, and no keys point at each other in a circle."""
+    keys = list(spec.hook_aliases)
+    for n, key in enumerate(keys):
+        for other in keys[n + 1 :]:
+            if _defines(other, _first(key)) or _defines(key, _first(other)):
+                raise _spec_error(
+                    spec,
+                    f"hook_aliases.{other}",
+                    f"defines the same alias as hook_aliases.{key} ({_first(other)!r}); an "
+                    "alias names one hook point. Accepted: one key per alias",
+                )
+    for start in keys:
+        chain, key = [start], start
+        while (
+            nxt := next((k for k in keys if _defines(k, _first(spec.hook_aliases[key]))), None)
+        ) is not None:
+            if nxt in chain:
+                cycle = " -> ".join([*chain[chain.index(nxt) :], nxt])
+                raise _spec_error(
+                    spec,
+                    f"hook_aliases.{start}",
+                    f"aliases point at each other in a circle ({cycle}) and so at no hook "
+                    "point. Accepted: aliases whose chain ends at a canonical hook name",
+                )
+            chain.append(nxt)
+            key = nxt
 
 
 def _add_alias(names: HookNames, alias: str, target: str, spec: AdapterSpec, key: str) -> None:

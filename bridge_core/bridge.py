@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from torch import nn
 from bridge_core import forward_options, tokens
 from bridge_core.cache import ActivationCache
 from bridge_core.components.base import GeneralizedComponent
-from bridge_core.errors import BridgeError, HookNameError, InputError, SpecError, did_you_mean
+from bridge_core.errors import BridgeError, HookNameError, InputError, did_you_mean
 from bridge_core.hooked_root import HookedRoot, slice_store
 from bridge_core.hooked_root import HookSpec as HookSpec  # re-exported for callers
 from bridge_core.hooks import running
@@ -27,13 +28,13 @@ from bridge_core.text import TextMixin
 
 if TYPE_CHECKING:  # pydantic-backed: imported by the first wrap/boot, not with the package
     from bridge_core.config import TransformerBridgeConfig
-    from bridge_core.multimodal import ImageLayout
+    from bridge_core.layout import ImageLayout
+    from bridge_core.loading import AdapterArg
     from bridge_core.registry import Registry
     from bridge_core.spec import AdapterSpec
     from bridge_core.verify import VerifyReport
 
 ReturnType = Literal["logits", "loss", "both", "raw"] | None
-AdapterArg: TypeAlias = "str | Path | AdapterSpec | None"
 
 
 class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module):
@@ -70,13 +71,9 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         from bridge_core.assembly import Assembler, collect_names
         from bridge_core.registry import get_registry
 
-        built = Assembler(self.adapter, model, self.cfg, registry or get_registry()).build()
-        for name in built:
-            if hasattr(TransformerBridge, name) or name in ("original_model", "adapter", "cfg"):
-                raise SpecError(
-                    f"adapter spec {self.adapter.name!r} (model {type(model).__name__}): "
-                    f"component name {name!r} is taken by a TransformerBridge attribute"
-                )
+        registry = registry or get_registry()
+        reserved = RESERVED_NAMES | {n for n in vars(self) if not n.startswith("_")}
+        built = Assembler(self.adapter, model, self.cfg, registry, reserved).build()
         self.original_model = model
         self.attached_points = 0
         """How many hook points have a hook (and their tap) attached right now."""
@@ -375,6 +372,7 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
             InputError: inputs the model cannot take (a component's `check_inputs` says why).
         """
         inputs = self._inputs(input, images, prepend_bos, padding_side, **kwargs)
+        tokens.check_positions(inputs, self.cfg.n_ctx, self.cfg.positional_embedding_type)
         for component in self.children():
             if isinstance(component, GeneralizedComponent):
                 component.check_inputs(inputs)
@@ -514,7 +512,8 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         points = self._names.points
         fwd = [(n, recorder.saver(n, points[n])) for n in selected]
         bwd = [(n, recorder.saver(f"{n}_grad", points[n])) for n in selected] if incl_bwd else []
-        with self.hooks(fwd, bwd, clear_contexts=clear_contexts):
+        grad = torch.enable_grad() if incl_bwd else contextlib.nullcontext()
+        with grad, self.hooks(fwd, bwd, clear_contexts=clear_contexts):  # also under no_grad()
             output = self._eager_call(*args, **kwargs)
             if incl_bwd:
                 _backward(output, metric)
@@ -594,6 +593,20 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         return f"TransformerBridge({self.adapter.name}: {type(self.original_model).__name__})"
 
 
+RESERVED_NAMES = (
+    frozenset(dir(TransformerBridge))
+    | frozenset(vars(nn.Module()))
+    | {
+        "original_model",
+        "adapter",
+        "cfg",
+        "attached_points",
+        "compatibility_mode",
+    }
+)
+"""Names a top-level component cannot take: the bridge's own attributes."""
+
+
 def _outside_compile(bridge: TransformerBridge, args: Any, kwargs: Any) -> Any:
     """`bridge._run_model` run eagerly from inside a compiled call."""
     warnings.warn(
@@ -615,6 +628,12 @@ def _check_backward(incl_bwd: bool, metric: Any, return_type: Any) -> None:
     if metric is not None and not callable(metric):
         raise InputError(
             f"metric must be a function output -> scalar (got {type(metric).__name__})"
+        )
+    if incl_bwd and torch.is_inference_mode_enabled():
+        raise InputError(
+            "incl_bwd=True needs gradients, which torch.inference_mode() forbids (tensors made "
+            "in it cannot enter autograd). Accepted: run_with_cache(incl_bwd=True) outside "
+            "inference_mode (under torch.no_grad() it works: it enables gradients for the call)"
         )
     if incl_bwd and metric is None and return_type not in ("loss", "both"):
         raise InputError(

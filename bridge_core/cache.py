@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -13,44 +13,53 @@ from bridge_core import slices
 from bridge_core.cache_analysis import TransformerLensAnalyses
 from bridge_core.errors import HookNameError, InputError, did_you_mean
 from bridge_core.naming import NameKeys
+from bridge_core.naming import act_name as act_name  # re-exported: TransformerLens's get_act_name
 
 if TYPE_CHECKING:
-    from bridge_core.bridge import TransformerBridge
-    from bridge_core.multimodal import ImageLayout
+    from bridge_core.config import TransformerBridgeConfig
+    from bridge_core.layout import ImageLayout
+    from bridge_core.naming import HookNames
 
 PosSlice = slices.SliceInput
 
-_ATTN = {"q", "k", "v", "z", "pattern", "attn_scores", "rot_q", "rot_k", "result"}
-_MLP = {"pre", "post", "pre_linear"}
-_NORM = {"normalized", "scale"}
-_SHORT = {"a": "attn", "m": "mlp", "attention": "attn"}
+
+class ModuleTree(Protocol):
+    """A tree of modules: an nn.Module, or a bridge (`CacheOwner`)."""
+
+    def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """The modules of the tree with their dotted paths, as nn.Module has them."""
+
+    def get_submodule(self, target: str) -> nn.Module:
+        """A module of the tree by dotted path, as nn.Module has it."""
 
 
-def act_name(
-    name: str, layer: int | None = None, sublayer: str | None = None, stack: str = "blocks"
-) -> str:
-    """TransformerLens's `get_act_name`: ``("resid_pre", 3)`` -> ``blocks.3.hook_resid_pre``.
+class CacheOwner(ModuleTree, Protocol):
+    """What a cache needs of the bridge whose run it holds (a `TransformerBridge` is one).
 
-    `stack` names the list of layers (``"vision_encoder.layers"`` for a vision tower).
+    A Protocol, so that the cache, lower in the layers, never imports ``bridge.py``.
     """
-    if "." in name or name.startswith("hook_"):
-        return name
-    if name in ("embed", "pos_embed"):
-        return f"hook_{name}"
-    if layer is None:
-        if name in _NORM:
-            return f"ln_final.hook_{name}"
-        raise InputError(f"activation {name!r} needs a layer index, e.g. cache[{name!r}, 0]")
-    if name in _ATTN:  # sublayer: another attention of the block, e.g. "cross_attn"
-        attention = sublayer or "attn"
-        return f"{stack}.{layer}.{_SHORT.get(attention, attention)}.hook_{name}"
-    if name in _MLP:
-        return f"{stack}.{layer}.mlp.hook_{name}"
-    if name in _NORM:
-        return f"{stack}.{layer}.{sublayer or 'ln1'}.hook_{name}"
-    if sublayer:
-        return f"{stack}.{layer}.{_SHORT.get(sublayer, sublayer)}.hook_{name}"
-    return f"{stack}.{layer}.hook_{name}"
+
+    @property
+    def cfg(self) -> TransformerBridgeConfig:
+        """The bridge's config (``n_layers``, ``normalization_type``, ``eps`` ...)."""
+
+    @property
+    def _names(self) -> HookNames:
+        """The bridge's hook points and aliases (read, never changed)."""
+
+    def component(self, name: str) -> nn.Module:
+        """The component at a dotted bridge path (``"ln_final"``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        """Components as attributes, as in TransformerLens (``bridge.blocks[3].attn.W_O``)."""
+
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> torch.Tensor:
+        """The output biases of every layer before `layer`, summed."""
+
+    def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> torch.Tensor:
+        """The unembedding direction of each token."""
 
 
 class ActivationCache(TransformerLensAnalyses):
@@ -65,7 +74,7 @@ class ActivationCache(TransformerLensAnalyses):
     def __init__(
         self,
         cache_dict: dict[str, torch.Tensor],
-        model: TransformerBridge,
+        model: CacheOwner,
         has_batch_dim: bool = True,
         calls: dict[str, list[torch.Tensor]] | None = None,
     ) -> None:
@@ -102,6 +111,12 @@ class ActivationCache(TransformerLensAnalyses):
     # -- mapping -------------------------------------------------------------------------
 
     def _key(self, key: str | tuple[Any, ...]) -> str:
+        if not _is_key(key):
+            raise HookNameError(
+                f"cache keys are hook names or (name, layer) tuples; got {type(key).__name__} "
+                f"{key!r:.60}. Accepted: cache['blocks.0.hook_resid_pre'], an alias, or "
+                "TransformerLens's cache['resid_pre', 0] (cache.keys() lists the names)"
+            )
         name = self._act_name(key) if isinstance(key, tuple) else key
         for candidate in (name, self._canonical(name)):
             if candidate in self.cache_dict or candidate in self.call_lists:
@@ -126,7 +141,13 @@ class ActivationCache(TransformerLensAnalyses):
         if len(rest) == 2 and isinstance(sublayer, str) and _is_stack(self.model, sublayer):
             sublayer, stack = None, sublayer  # cache["resid_pre", 3, "decoder"]
         if isinstance(layer, int) and layer < 0:  # from the end of the stack
-            layer += _Stack.of(self, stack).n_layers
+            n_layers = _Stack.of(self, stack).n_layers
+            if layer < -n_layers:
+                raise HookNameError(
+                    f"cache[{key!r}]: layer {layer} is out of range for the {n_layers} layers "
+                    f"of {stack!r}. Accepted: 0..{n_layers - 1}, or -{n_layers}..-1 from the end"
+                )
+            layer += n_layers
         return act_name(name, layer, sublayer, stack)
 
     def _stack_hint(self, name: str) -> str:
@@ -173,11 +194,11 @@ class ActivationCache(TransformerLensAnalyses):
         return list(self.call_lists.get(name) or [self.cache_dict[name]])
 
     def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str | tuple):
+        if not _is_key(key):
             return False
         try:
-            self._key(key)
-        except HookNameError:
+            self._key(key)  # type: ignore[arg-type]  # _is_key checked it
+        except (HookNameError, InputError):  # ("resid_pre",) lacks its layer: not in the cache
             return False
         return True
 
@@ -248,7 +269,7 @@ class ActivationCache(TransformerLensAnalyses):
     ) -> torch.Tensor:
         """Stack one activation over layers 0..layer-1 (all if -1): ``[n_layers, ...]``."""
         layers = _Stack.of(self, stack)
-        n = layers.n_layers if layer == -1 else layer
+        n = layers.n_layers if layer == -1 else layers.index(layer, "stack_activation")
         return torch.stack(
             [self[act_name(activation_name, i, sublayer_type, stack)] for i in range(n)]
         )
@@ -270,7 +291,7 @@ class ActivationCache(TransformerLensAnalyses):
         """
         layers = _Stack.of(self, stack)
         n_layers = layers.n_layers
-        layer = n_layers if layer is None else layer % (n_layers + 1)
+        layer = n_layers if layer is None else layers.index(layer, "accumulated_resid")
         parts: list[torch.Tensor] = []
         labels: list[str] = []
         for i in range(layer):
@@ -323,7 +344,7 @@ class ActivationCache(TransformerLensAnalyses):
             raise InputError(f"mode must be 'all', 'attn' or 'mlp' (got {mode!r})")
         layers = _Stack.of(self, stack)
         n_layers = layers.n_layers
-        layer = n_layers if layer is None else layer % (n_layers + 1)  # -1: all, as TL
+        layer = n_layers if layer is None else layers.index(layer, "decompose_resid")  # -1: all
         terms = _embed_terms(self, layers) if incl_embeds else []
         for i in range(layer + int(mlp_input and layer < n_layers)):
             if mode in ("all", "attn"):
@@ -374,7 +395,7 @@ class ActivationCache(TransformerLensAnalyses):
         """Apply the final norm and the unembedding to each element of a residual stack.
 
         With a vision `stack` (``"vision_encoder.layers"``), the tokens the model feeds go
-        through the projector first (`bridge_core.multimodal.vision_logit_lens`).
+        through the projector first (`vision_logit_lens`).
         """
         model = self.model
         if stack != "blocks" and not model.cfg.is_multimodal:  # an encoder-decoder's stack
@@ -385,13 +406,66 @@ class ActivationCache(TransformerLensAnalyses):
                 "d_model ** -0.5 between them)"
             )
         if stack != "blocks":
-            from bridge_core.multimodal import vision_logit_lens
-
             return vision_logit_lens(self, residual_stack, stack)
         with torch.no_grad():
             normalized = model.component("ln_final")(residual_stack)
             logits: torch.Tensor = model.component("unembed")(normalized)
             return logits
+
+
+def layout_of(cache: ActivationCache) -> ImageLayout:
+    """The image layout of a cached run, or a clear error if the run had none."""
+    layout = cache.image_layout
+    if layout is None:
+        raise InputError(
+            "this cache has no image layout: run_with_cache sets one for inputs with images "
+            "(text and images=[...], or input_ids and pixel_values)"
+        )
+    return layout
+
+
+def vision_logit_lens(
+    cache: ActivationCache, residual_stack: torch.Tensor, stack: str | None = None
+) -> torch.Tensor:
+    """Logits of vision hidden states: fed tokens -> projector -> final norm -> unembed.
+
+    Args:
+        residual_stack: ``[..., tokens, vision_d_model]`` vision residual states; over the
+            tower's whole sequence, the tokens the model does not feed (a dropped CLS) are
+            removed first.
+        stack: the vision layers the states come from (default: the tower feeding the LM).
+
+    Returns:
+        ``[..., fed tokens, d_vocab]``
+
+    Raises:
+        InputError: the cache has no image layout, or `stack` does not feed the LM.
+    """
+    route = layout_of(cache).vision
+    if route is None:
+        raise InputError("this model's plugin does not say how image features reach the LM")
+    if stack is not None and stack != route.stack:
+        raise InputError(
+            f"the logit lens goes from the language model's 'blocks' or from {route.stack!r} "
+            f"(the vision layers that feed it); got stack={stack!r}"
+        )
+    model = cache.model
+    tower_len = cache[f"{route.stack}.0.hook_resid_pre"].shape[-2]
+    if route.skip_tokens and residual_stack.shape[-2] == tower_len:
+        residual_stack = residual_stack[..., route.skip_tokens :, :]
+    projector = model.component(route.projector)
+    features = cache[route.projector + ".hook_in"]
+    if features.shape[-1] != residual_stack.shape[-1]:
+        raise InputError(
+            f"{route.projector} takes features of width {features.shape[-1]} (several vision "
+            f"layers concatenated?), the stack has width {residual_stack.shape[-1]}; the "
+            "vision logit lens sends one layer's states through the projector"
+        )
+    with torch.no_grad():
+        resid: torch.Tensor = projector(residual_stack)
+        normalized = model.component("ln_final")(resid)
+        logits: torch.Tensor = model.component("unembed")(normalized)
+    return logits
 
 
 @dataclass(frozen=True)
@@ -412,6 +486,21 @@ class _Stack:
                 f"stack {path!r} is not a list of layers of this bridge.{hint} Stacks: {stacks}"
             )
         return cls(cache, path, len(layers))
+
+    def index(self, layer: int, helper: str) -> int:
+        """A residual helper's `layer` as 0..n_layers (n_layers: after the last layer);
+        negative counts from the end (-1 is n_layers), as in TransformerLens.
+
+        Raises:
+            InputError: out of range, naming the helper, the stack and the range.
+        """
+        n = self.n_layers
+        if not isinstance(layer, int) or not -(n + 1) <= layer <= n:
+            raise InputError(
+                f"{helper}(layer={layer!r}): {self.path!r} has {n} layers. Accepted: 0..{n} "
+                f"({n}: after the last layer), -{n + 1}..-1 counted from the end, or None"
+            )
+        return layer % (n + 1)
 
     @property
     def is_language_model(self) -> bool:
@@ -463,6 +552,7 @@ class _Stack:
         """The norm component that reads the stream at `layer` (the final norm for None):
         ``ln_final`` after ``blocks``, ``<stack>_final_ln`` after another stack (TransformerLens's
         ``encoder_final_ln`` and ``decoder_final_ln``)."""
+        layer = None if layer is None else self.index(layer, "apply_ln_to_stack")
         if layer is None or layer == self.n_layers:
             final = "ln_final" if self.is_language_model else f"{self.path}_final_ln"
             if _module(self.cache.model, final) is not None:
@@ -517,11 +607,11 @@ def _embed_terms(cache: ActivationCache, layers: _Stack) -> list[tuple[str, torc
     return [*terms, ("image", torch.where(mask, rest, zero))]
 
 
-def _is_stack(model: nn.Module, path: str) -> bool:
+def _is_stack(model: ModuleTree, path: str) -> bool:
     return isinstance(_module(model, path), nn.ModuleList)
 
 
-def stacks_of(model: nn.Module) -> list[str]:
+def stacks_of(model: ModuleTree) -> list[str]:
     """The stacks of layers of a bridge: its lists of components not inside a layer."""
     return [
         name
@@ -533,7 +623,14 @@ def stacks_of(model: nn.Module) -> list[str]:
     ]
 
 
-def _module(model: nn.Module, path: str) -> nn.Module | None:
+def _is_key(key: object) -> bool:
+    """A hook name, or a (name, layer[, sublayer[, stack]]) tuple of TransformerLens's form."""
+    if isinstance(key, str):
+        return True
+    return isinstance(key, tuple) and 1 <= len(key) <= 4 and isinstance(key[0], str)
+
+
+def _module(model: ModuleTree, path: str) -> nn.Module | None:
     try:
         return model.get_submodule(path)
     except AttributeError:

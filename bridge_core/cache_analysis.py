@@ -17,19 +17,12 @@ import torch
 
 from bridge_core import slices
 from bridge_core.errors import InputError
+from bridge_core.naming import act_name
 
 if TYPE_CHECKING:
     from bridge_core.cache import ActivationCache
 
 Stack = torch.Tensor | tuple[torch.Tensor, list[str]]
-
-
-def act_name(name: str, layer: int) -> str:
-    """TransformerLens's activation name (`bridge_core.cache.act_name`, imported late: the
-    cache module imports this one)."""
-    from bridge_core.cache import act_name as name_of
-
-    return name_of(name, layer)
 
 
 def _layer(cache: ActivationCache, layer: int | None) -> int:
@@ -47,15 +40,13 @@ def _labelled(stack: torch.Tensor, labels: list[str], return_labels: bool) -> St
 
 def apply_slice_to_batch_dim(cache: ActivationCache, batch_slice: slices.SliceInput) -> Any:
     """A new cache with every activation indexed on the batch dimension (an int drops it)."""
-    from bridge_core.cache import ActivationCache
-
     if not cache.has_batch_dim:
         if batch_slice is None:
             return cache
         raise InputError("this cache has no batch dimension to slice (remove_batch_dim)")
     tensors = {k: slices.apply(v, batch_slice, 0) for k, v in cache.cache_dict.items()}
     calls = {k: [slices.apply(v, batch_slice, 0) for v in c] for k, c in cache.call_lists.items()}
-    return ActivationCache(tensors, cache.model, slices.keeps_dim(batch_slice), calls)
+    return type(cache)(tensors, cache.model, slices.keeps_dim(batch_slice), calls)
 
 
 def compute_head_results(cache: ActivationCache) -> None:

@@ -31,11 +31,11 @@ from bridge_core.errors import BridgeError
 from bridge_core.weights import assign
 
 if TYPE_CHECKING:
-    from bridge_core.bridge import TransformerBridge
+    from bridge_core.bridgelike import BridgeLike
 
 
 def enable_compatibility_mode(
-    bridge: TransformerBridge,
+    bridge: BridgeLike,
     no_processing: bool = False,
     fold_ln: bool = True,
     center_writing_weights: bool = True,
@@ -111,7 +111,7 @@ def _ensure_bias(module: nn.Module) -> None:
         )
 
 
-def _norms(bridge: TransformerBridge, block: Any) -> tuple[Any, Any]:
+def _norms(bridge: BridgeLike, block: Any) -> tuple[Any, Any]:
     """(the norm attention reads, the norm the MLP reads) of a block."""
     ln1 = getattr(block, "ln1", None)
     ln2 = getattr(block, "ln2", None) if bridge.cfg.block_layout != "parallel" else ln1
@@ -137,7 +137,7 @@ def _reset_norm(norm: Any, fold_biases: bool) -> None:
         assign(norm.b, torch.zeros_like(norm.b))
 
 
-def fold_layer_norm(bridge: TransformerBridge, fold_biases: bool, center_weights: bool) -> None:
+def fold_layer_norm(bridge: BridgeLike, fold_biases: bool, center_weights: bool) -> None:
     """Fold every norm into the weights that read it (see the module docstring)."""
     for block in bridge.blocks:
         attn, mlp = block.attn, block.mlp
@@ -169,7 +169,7 @@ def fold_layer_norm(bridge: TransformerBridge, fold_biases: bool, center_weights
     _reset_norm(ln_final, fold_biases)
 
 
-def center_writing(bridge: TransformerBridge) -> None:
+def center_writing(bridge: BridgeLike) -> None:
     """Remove the mean over ``d_model`` from everything that writes to the residual stream."""
 
     def center(weight: torch.Tensor) -> None:
@@ -183,14 +183,14 @@ def center_writing(bridge: TransformerBridge) -> None:
             center(weight)
 
 
-def center_unembedding(bridge: TransformerBridge) -> None:
+def center_unembedding(bridge: BridgeLike) -> None:
     """Remove the mean over the vocabulary from ``W_U`` and ``b_U`` (softmax is unchanged)."""
     unembed = bridge.unembed
     assign(unembed.W_U, unembed.W_U - unembed.W_U.mean(-1, keepdim=True))
     assign(unembed.b_U, unembed.b_U - unembed.b_U.mean())
 
 
-def fold_value_bias(bridge: TransformerBridge) -> None:
+def fold_value_bias(bridge: BridgeLike) -> None:
     """Move the value biases into the output bias: ``b_O += sum_h b_V[h] @ W_O[h]``."""
     for block in bridge.blocks:
         attn = block.attn

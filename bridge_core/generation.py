@@ -20,12 +20,12 @@ from bridge_core.errors import InputError
 from bridge_core.hooks import mark_tap, running
 
 if TYPE_CHECKING:
-    from bridge_core.bridge import TransformerBridge
+    from bridge_core.bridgelike import BridgeLike
     from bridge_core.hooked_root import HookSpec
 
 
 def generate(
-    bridge: TransformerBridge,
+    bridge: BridgeLike,
     input: tokens.TextInput | torch.Tensor | None = None,
     *,
     images: Any = None,
@@ -56,6 +56,8 @@ def generate(
     if padding_side is None and isinstance(input, list):
         padding_side = "left"
     inputs = bridge.prepare_inputs(input, images, prepend_bos, padding_side, **generate_kwargs)
+    cfg = bridge.cfg
+    tokens.check_positions(inputs, cfg.n_ctx, cfg.positional_embedding_type, max_new_tokens)
     with bridge.hooks(fwd_hooks), _steps(bridge), torch.no_grad(), running(bridge):
         output = bridge.original_model.generate(  # type: ignore[operator]  # HF GenerationMixin
             **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample
@@ -74,7 +76,7 @@ STEP_KEYS = ("step", "positions")
 
 
 @contextmanager
-def _steps(bridge: TransformerBridge) -> Iterator[None]:
+def _steps(bridge: BridgeLike) -> Iterator[None]:
     """Set ``ctx["step"]`` and ``ctx["positions"]`` of the hooked points before each forward."""
     points = list(bridge.hook_dict.values())
     state = {"step": 0, "seen": 0}

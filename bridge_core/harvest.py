@@ -41,7 +41,7 @@ from bridge_core.shards import (
 from bridge_core.tokens import to_device
 
 if TYPE_CHECKING:
-    from bridge_core.bridge import TransformerBridge
+    from bridge_core.bridgelike import BridgeLike
 
 PositionName = Literal["all", "last", "text", "image"]
 PositionFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
@@ -64,7 +64,7 @@ class Plan:
 
 
 def harvest(
-    bridge: TransformerBridge,
+    bridge: BridgeLike,
     data: DataArg,
     hooks: str | Sequence[str],
     out: str | os.PathLike[str],
@@ -121,7 +121,7 @@ def harvest(
 
 
 def make_plan(
-    bridge: TransformerBridge,
+    bridge: BridgeLike,
     hooks: str | Sequence[str],
     positions: PositionName | PositionFn,
     batch_size: int,
@@ -162,7 +162,7 @@ def make_plan(
 
 
 def resolve_hooks(
-    bridge: TransformerBridge, hooks: str | Sequence[str]
+    bridge: BridgeLike, hooks: str | Sequence[str]
 ) -> tuple[list[str], dict[str, str]]:
     """Canonical names of `hooks` (in the order given) and the aliases used for them."""
     given = [hooks] if isinstance(hooks, str) else list(hooks)
@@ -220,7 +220,7 @@ class _Harvester:
 
     def __init__(
         self,
-        bridge: TransformerBridge,
+        bridge: BridgeLike,
         plan: Plan,
         source: Source,
         directory: Path,

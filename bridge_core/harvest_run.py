@@ -23,7 +23,7 @@ from bridge_core.data import Example, Source
 from bridge_core.errors import BridgeError, InputError
 
 if TYPE_CHECKING:
-    from bridge_core.bridge import TransformerBridge
+    from bridge_core.bridgelike import BridgeLike
     from bridge_core.hooks import HookFn, HookPoint
 
 T = TypeVar("T")
@@ -119,7 +119,7 @@ def prefetch(items: Iterator[T], depth: int) -> Iterator[T]:
 
 
 def encode(
-    bridge: TransformerBridge, batch: Sequence[Example], source: Source, max_length: int | None
+    bridge: BridgeLike, batch: Sequence[Example], source: Source, max_length: int | None
 ) -> dict[str, torch.Tensor]:
     """Left-padded CPU inputs for `batch`: ``input_ids``, ``attention_mask`` (and pixels)."""
     truncate: dict[str, Any] = {"truncation": True, "max_length": max_length} if max_length else {}
@@ -148,7 +148,7 @@ def encode(
 
 
 def _process(
-    bridge: TransformerBridge,
+    bridge: BridgeLike,
     batch: Sequence[Example],
     source: Source,
     truncate: dict[str, Any],
@@ -181,7 +181,7 @@ class _Stop(Exception):
 
 
 def forward_rows(
-    bridge: TransformerBridge,
+    bridge: BridgeLike,
     inputs: dict[str, Any],
     names: list[str],
     selected: torch.Tensor,

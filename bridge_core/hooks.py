@@ -542,6 +542,12 @@ class HookPoint(nn.Module):
                 f"{tuple(result.shape)} and dtype {result.dtype}; the activation has shape "
                 f"{tuple(x.shape)} and dtype {x.dtype}"
             )
+        if result.device != x.device:
+            raise HookReturnError(
+                f"hook {name} on {self.name!r} returned a tensor on {result.device}; the "
+                f"activation is on {x.device}. Accepted: a tensor on the activation's device "
+                "(e.g. result.to(tensor.device))"
+            )
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, fwd={len(self._fwd)}, bwd={len(self._bwd)}"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, TypeAlias, TypeVar, cast
 
 import torch
 
@@ -13,20 +14,31 @@ from bridge_core.errors import AdapterNotFoundError, BootError, SpecError, did_y
 from bridge_core.registry import Registry, get_registry
 from bridge_core.spec import AdapterSpec
 
-if TYPE_CHECKING:
-    from bridge_core.bridge import AdapterArg, TransformerBridge
+AdapterArg: TypeAlias = "str | Path | AdapterSpec | None"
+"""What ``adapter=`` takes: a registered adapter's name, a spec file, a spec, or None."""
+
+
+class Bootable(Protocol):
+    """What `boot` needs of the class it builds (`TransformerBridge`): constructed as
+    ``cls(model, spec, cfg, registry=...)``, it takes a loader for its tokenizer."""
+
+    def set_text_loader(self, loader: Callable[[], tuple[Any, Any]]) -> None:
+        """Load (tokenizer, processor) with `loader` when first needed."""
+
+
+B = TypeVar("B", bound=Bootable)
 
 
 def boot(
-    cls: type[TransformerBridge],
+    cls: Callable[..., B],
     model_name_or_path: str | Path,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     adapter: AdapterArg = None,
     **from_pretrained_kwargs: Any,
-) -> TransformerBridge:
-    """Load a model by hub id or local path with HF's own loaders, and bridge it.
+) -> B:
+    """Load a model by hub id or local path with HF's own loaders, and bridge it with `cls`.
 
     HF's cache and offline rules apply (``HF_HOME``, ``HF_HUB_OFFLINE=1``). The model
     class is the adapter's ``model_class`` or the config's first architecture; one that is

@@ -60,6 +60,39 @@ class HookDict(dict[str, HookPoint]):
         return default
 
 
+_ATTN = {"q", "k", "v", "z", "pattern", "attn_scores", "rot_q", "rot_k", "result"}
+_MLP = {"pre", "post", "pre_linear"}
+_NORM = {"normalized", "scale"}
+_SHORT = {"a": "attn", "m": "mlp", "attention": "attn"}
+
+
+def act_name(
+    name: str, layer: int | None = None, sublayer: str | None = None, stack: str = "blocks"
+) -> str:
+    """TransformerLens's `get_act_name`: ``("resid_pre", 3)`` -> ``blocks.3.hook_resid_pre``.
+
+    `stack` names the list of layers (``"vision_encoder.layers"`` for a vision tower).
+    """
+    if "." in name or name.startswith("hook_"):
+        return name
+    if name in ("embed", "pos_embed"):
+        return f"hook_{name}"
+    if layer is None:
+        if name in _NORM:
+            return f"ln_final.hook_{name}"
+        raise InputError(f"activation {name!r} needs a layer index, e.g. cache[{name!r}, 0]")
+    if name in _ATTN:  # sublayer: another attention of the block, e.g. "cross_attn"
+        attention = sublayer or "attn"
+        return f"{stack}.{layer}.{_SHORT.get(attention, attention)}.hook_{name}"
+    if name in _MLP:
+        return f"{stack}.{layer}.mlp.hook_{name}"
+    if name in _NORM:
+        return f"{stack}.{layer}.{sublayer or 'ln1'}.hook_{name}"
+    if sublayer:
+        return f"{stack}.{layer}.{_SHORT.get(sublayer, sublayer)}.hook_{name}"
+    return f"{stack}.{layer}.hook_{name}"
+
+
 @dataclass
 class HookNames:
     """The canonical hook points of a bridge and the aliases that point at them."""

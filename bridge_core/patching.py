@@ -25,7 +25,7 @@ from bridge_core.errors import InputError
 from bridge_core.multimodal import ImagePlacement, layout_of
 
 if TYPE_CHECKING:
-    from bridge_core.bridge import TransformerBridge
+    from bridge_core.bridgelike import BridgeLike
 
 Metric = Callable[[Any], torch.Tensor | float]
 Index = tuple[Any, ...]
@@ -83,7 +83,7 @@ class PatchResult:
 
 
 def patch_sweep(
-    bridge: TransformerBridge,
+    bridge: BridgeLike,
     corrupted: Any,
     clean_cache: ActivationCache,
     metric: Metric,
@@ -131,7 +131,7 @@ def patch_sweep(
 
 
 def activation_patch(
-    bridge: TransformerBridge,
+    bridge: BridgeLike,
     corrupted: Any,
     clean_cache: ActivationCache,
     metric: Metric,
@@ -186,7 +186,7 @@ def activation_patch(
 
 
 def patch_image_positions(
-    bridge: TransformerBridge,
+    bridge: BridgeLike,
     corrupted: Any,
     clean_cache: ActivationCache,
     metric: Metric,
@@ -216,7 +216,7 @@ def patch_image_positions(
 
 
 def patch_vision_layers(
-    bridge: TransformerBridge,
+    bridge: BridgeLike,
     corrupted: Any,
     clean_cache: ActivationCache,
     metric: Metric,
@@ -247,7 +247,7 @@ def patch_vision_layers(
 
 
 def patch_image_patches(
-    bridge: TransformerBridge,
+    bridge: BridgeLike,
     corrupted: Any,
     clean_cache: ActivationCache,
     metric: Metric,
@@ -291,7 +291,7 @@ def patch_image_patches(
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _prepared(bridge: TransformerBridge, corrupted: Any) -> dict[str, Any]:
+def _prepared(bridge: BridgeLike, corrupted: Any) -> dict[str, Any]:
     """The corrupted input as forward keywords, processed once for every run of the sweep."""
     if isinstance(corrupted, Mapping):
         kwargs = dict(corrupted)
@@ -301,7 +301,7 @@ def _prepared(bridge: TransformerBridge, corrupted: Any) -> dict[str, Any]:
 
 
 def _patch_hooks(
-    bridge: TransformerBridge, clean_cache: ActivationCache, patches: Sequence[Patch]
+    bridge: BridgeLike, clean_cache: ActivationCache, patches: Sequence[Patch]
 ) -> list[tuple[str, Callable[..., torch.Tensor]]]:
     by_hook: dict[str, list[Index]] = {}
     for patch in patches:

@@ -9,6 +9,7 @@ hook points and aliases, hook points that fire several times per forward (`calls
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -148,6 +149,11 @@ class ComponentSpec(BaseModel):
             )
         return value
 
+    @field_validator("submodules")
+    @classmethod
+    def _submodule_names(cls, value: dict[str, ComponentSpec]) -> dict[str, ComponentSpec]:
+        return check_component_names(value)
+
     @field_validator("hooks", "shapes")
     @classmethod
     def _hook_names(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -244,10 +250,27 @@ class AdapterSpec(BaseModel):
     hook_aliases: dict[str, str] = Field(default_factory=dict)
     verify: VerifySpec = Field(default_factory=VerifySpec)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_too_deep(cls, data: Any) -> Any:
+        check_depth(data)
+        return data
+
+    @field_validator("components")
+    @classmethod
+    def _component_names(cls, value: dict[str, ComponentSpec]) -> dict[str, ComponentSpec]:
+        return check_component_names(value)
+
     @field_validator("hook_aliases")
     @classmethod
     def _templates(cls, value: dict[str, str]) -> dict[str, str]:
         for alias, target in value.items():
+            other = sorted({p for p in _PLACEHOLDER.findall(alias + target) if p != "{i}"})
+            if other:
+                raise ValueError(
+                    f"{alias!r} = {target!r}: {', '.join(other)} is no placeholder; a template "
+                    "has '{i}' (the layer index) in the alias and the target"
+                )
             if ("{i}" in alias) != ("{i}" in target):
                 raise ValueError(
                     f"{alias!r} = {target!r}: a template has '{{i}}' in both the alias and the "
@@ -265,10 +288,10 @@ class AdapterSpec(BaseModel):
         """
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
         except OSError as exc:
             raise SpecError(f"cannot read adapter spec {path}: {exc.strerror or exc}") from exc
-        data = _parse(path, text)
+        data = _parse(path, _decode(path, raw))
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -309,19 +332,147 @@ class AdapterSpec(BaseModel):
 
 
 def _parse(path: Path, text: str) -> Any:
-    if path.suffix == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
+    if path.suffix not in (".json", ".toml"):
+        raise SpecError(f"adapter spec {path} must be a .toml or .json file (got {path.suffix!r})")
+    _check_nesting(path, text)
+    try:
+        if path.suffix == ".json":
+            return json.loads(text, object_pairs_hook=_unique_keys)
+        return tomllib.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(
+            f"{path} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path} is not valid TOML: {exc}") from exc
+    except _DuplicateKey as exc:
+        key, keys = exc.args
+        raise SpecError(
+            f"{path}, key {key!r}: given twice in one JSON object (the one with keys "
+            f"{', '.join(map(repr, keys))}); a JSON parser would silently keep the last. "
+            "Accepted: each key once per object"
+        ) from None
+    except RecursionError:  # _check_nesting lets no such file through; a last resort
+        raise SpecError(
+            f"{path}: nested too deeply to parse. Accepted: at most {MAX_DEPTH} levels"
+        ) from None
+
+
+MAX_DEPTH = 64
+"""How deeply a spec may nest tables and lists (real specs use about 10)."""
+
+_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
+
+
+class _DuplicateKey(Exception):
+    """A JSON object with a key given twice: (key, the object's keys)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key, [k for k, _ in pairs])
+        result[key] = value
+    return result
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    """The file's text; a file that is not UTF-8 is an error naming the place."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = raw[: exc.start].decode("utf-8", errors="replace")
+        raise SpecError(
+            f"{path}{_place(path, text, len(text))}: byte 0x{raw[exc.start]:02x} is not UTF-8. "
+            "Accepted: a UTF-8 text file (save it as UTF-8; TOML and JSON specs are UTF-8)"
+        ) from None
+
+
+def _check_nesting(path: Path, text: str) -> None:
+    """Refuse tables and lists nested deeper than `MAX_DEPTH`, before a parser recurses."""
+    toml, depth, i = path.suffix == ".toml", 0, 0
+    while i < len(text):
+        char = text[i]
+        if char == '"' or (toml and char == "'"):
+            quote = char * 3 if toml and text.startswith(char * 3, i) else char
+            i += len(quote)
+            while i < len(text) and not text.startswith(quote, i):
+                i += 2 if char == '"' and text[i] == "\\" else 1
+            i += len(quote)
+            continue
+        if toml and char == "#":
+            end = text.find("\n", i)
+            i = len(text) if end < 0 else end
+            continue
+        depth += char in "[{"
+        depth -= char in "]}"
+        if depth > MAX_DEPTH:
             raise SpecError(
-                f"{path} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
-            ) from exc
-    if path.suffix == ".toml":
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise SpecError(f"{path} is not valid TOML: {exc}") from exc
-    raise SpecError(f"adapter spec {path} must be a .toml or .json file (got {path.suffix!r})")
+                f"{path}{_place(path, text, i)}: nested deeper than {MAX_DEPTH} levels. "
+                f"Accepted: at most {MAX_DEPTH} levels of tables and lists"
+            )
+        i += 1
+
+
+def _place(path: Path, text: str, index: int) -> str:
+    """``, key 'components.embed' (line 3, column 7)`` for a position in a spec's text."""
+    line = text.count("\n", 0, index) + 1
+    column = index - text.rfind("\n", 0, index)
+    key = _key_before(text[:index], path.suffix == ".toml")
+    return (f", key {key!r}" if key else "") + f" (line {line}, column {column})"
+
+
+def _key_before(text: str, toml: bool) -> str | None:
+    """The key whose value `text` ends in: the TOML table and key, or the JSON key."""
+    if not toml:
+        keys = re.findall(r'"((?:[^"\\]|\\.)*)"\s*:', text)
+        return keys[-1] if keys else None
+    tables = re.findall(r"^\s*\[\[?\s*([^\]]+?)\s*\]", text, flags=re.MULTILINE)
+    keys = re.findall(r"^\s*([\w\-.\"']+)\s*=", text, flags=re.MULTILINE)
+    parts = [*tables[-1:], *keys[-1:]]
+    if tables and keys and text.rfind(tables[-1]) > text.rfind(keys[-1] + " "):
+        parts = tables[-1:]  # the key belongs to an earlier table
+    return ".".join(parts) or None
+
+
+def check_depth(data: Any, limit: int = MAX_DEPTH) -> None:
+    """Refuse data nested deeper than `limit`, naming the key path (walked without recursion).
+
+    Raises:
+        ValueError: too deep.
+    """
+    stack: list[tuple[Any, tuple[str, ...]]] = [(data, ())]
+    while stack:
+        value, keys = stack.pop()
+        if len(keys) > limit:
+            shown = ".".join(keys[:6]) + " ... " + ".".join(keys[-3:])
+            raise ValueError(
+                f"the spec nests deeper than {limit} levels at {shown}. Accepted: at most "
+                f"{limit} levels of tables and lists"
+            )
+        if isinstance(value, Mapping):
+            stack.extend((v, (*keys, str(k))) for k, v in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend((v, (*keys, str(i))) for i, v in enumerate(value))
+
+
+def check_component_names(value: dict[str, ComponentSpec]) -> dict[str, ComponentSpec]:
+    """Component names are attribute names of the bridge tree: identifiers that are neither
+    private (``_``) nor in the hook namespace (``hook_``), so no component path is a hook name.
+
+    Raises:
+        ValueError: naming the bad names and what is accepted.
+    """
+    bad = [n for n in value if not n.isidentifier() or n.startswith(("_", "hook_"))]
+    if bad:
+        raise ValueError(
+            f"component names {bad} are not accepted: a component name is a Python identifier "
+            "(it becomes an attribute, bridge.<name>) that starts with neither '_' nor "
+            "'hook_' (those are hook point names: a component 'hook_x' would collide with "
+            "the hook point of that name)"
+        )
+    return value
 
 
 def _first_value(lookup: expr.Lookup, candidates: str | list[str]) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +29,8 @@ def tokenize(
     """
     if tokenizer is None:
         raise InputError("this bridge has no tokenizer; pass input_ids=... or wrap(tokenizer=...)")
+    if isinstance(text, list) and not text:
+        raise InputError("the input is an empty list of texts. Accepted: one text or more")
     texts = [text] if isinstance(text, str) else text
     rows = [list(map(int, row)) for row in tokenizer(texts)["input_ids"]]
     bos = tokenizer.bos_token_id
@@ -36,6 +38,13 @@ def tokenize(
         rows = [with_bos(row, bos, prepend_bos) for row in rows]
     if max_length is not None:
         rows = [row[:max_length] for row in rows]
+    if not any(rows):
+        can_add = bos is not None and not prepend_bos
+        hint = " or prepend_bos=True (the tokenizer has a BOS token)" if can_add else ""
+        raise InputError(
+            f"the text input {text!r:.80} tokenizes to no tokens, so there is nothing to run. "
+            f"Accepted: text that gives at least one token{hint}"
+        )
     if len({len(row) for row in rows}) <= 1:
         ids = torch.tensor(rows, dtype=torch.long)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -58,6 +67,47 @@ def with_bos(row: list[int], bos: int | None, prepend_bos: bool) -> list[int]:
     if not prepend_bos and has_bos:
         return row[1:]
     return row
+
+
+def check_positions(
+    inputs: Mapping[str, Any],
+    n_ctx: int | None,
+    positional_embedding_type: str,
+    new_tokens: int = 0,
+) -> None:
+    """Refuse inputs with no positions, or with more than learned position embeddings cover.
+
+    Rotary, ALiBi and relative positions run past ``n_ctx`` in HF (outside the lengths the
+    model was trained on), so only ``"standard"`` (learned) positions limit the length.
+
+    Args:
+        new_tokens: positions `generate` adds (its ``max_new_tokens``).
+
+    Raises:
+        InputError: naming the input, its length and what is accepted.
+    """
+    key = next((k for k in ("input_ids", "inputs_embeds") if k in inputs), None)
+    value = inputs.get(key) if key else None
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return
+    length = value.shape[-1] if key == "input_ids" else value.shape[-2] if value.dim() > 1 else 0
+    if length == 0:
+        raise InputError(
+            f"{key} has no positions (shape {tuple(value.shape)}), so there is nothing to run. "
+            "Accepted: at least one token"
+        )
+    mask = inputs.get("attention_mask")
+    total = mask.shape[-1] if isinstance(mask, torch.Tensor) and mask.dim() > 0 else length
+    if positional_embedding_type != "standard" or n_ctx is None or total + new_tokens <= n_ctx:
+        return
+    what = f"{key} has {total} positions"
+    if new_tokens:
+        what += f", and max_new_tokens={new_tokens} would make {total + new_tokens}"
+    raise InputError(
+        f"{what}, but the model's learned position embeddings cover {n_ctx} (cfg.n_ctx). "
+        f"Accepted: at most {n_ctx} positions in all; keep the last tokens "
+        f"(ids[:, -{max(n_ctx - new_tokens, 1)}:]), split the text, or generate fewer tokens"
+    )
 
 
 def _refuse_unpadded(tokenizer: Any, lengths: list[int]) -> None:

@@ -24,28 +24,14 @@ from bridge_core import tokens
 from bridge_core.components.base import GeneralizedComponent
 from bridge_core.errors import BridgeError
 from bridge_core.hooks import HookPoint
+from bridge_core.verify_checks import Result
 
 if TYPE_CHECKING:
-    from bridge_core.bridge import TransformerBridge
+    from bridge_core.bridgelike import BridgeLike
     from bridge_core.cache import ActivationCache
 
 CHECKS = ("fires", "shape", "observe", "identity", "causal", "heads", "pattern", "residual")
 """Every check `verify` runs, in report order."""
-
-
-@dataclass
-class Result:
-    """One check of one hook point (or of the whole model, with ``hook = ""``)."""
-
-    check: str
-    hook: str
-    ok: bool | None  # None: skipped
-    detail: str = ""
-
-    @property
-    def status(self) -> str:
-        """``ok``, ``FAIL`` or ``skipped``."""
-        return "skipped" if self.ok is None else "ok" if self.ok else "FAIL"
 
 
 @dataclass
@@ -97,7 +83,7 @@ class _Stop(Exception):
     """Raised by a hook to end a forward early (the rest is not needed)."""
 
 
-def verify(bridge: TransformerBridge, inputs: dict[str, Any] | None = None) -> VerifyReport:
+def verify(bridge: BridgeLike, inputs: dict[str, Any] | None = None) -> VerifyReport:
     """Check every hook point of `bridge` on `inputs` (generated when None); see the module doc."""
     run = _Run(bridge, example_inputs(bridge) if inputs is None else dict(inputs))
     report = VerifyReport(bridge.adapter.name, type(bridge.original_model).__name__)
@@ -114,7 +100,7 @@ def verify(bridge: TransformerBridge, inputs: dict[str, Any] | None = None) -> V
     return report
 
 
-def example_inputs(bridge: TransformerBridge, batch: int = 2, pos: int = 8) -> dict[str, Any]:
+def example_inputs(bridge: BridgeLike, batch: int = 2, pos: int = 8) -> dict[str, Any]:
     """Token ids (and whatever the bridge's components add, e.g. images) to verify with."""
     cfg = bridge.cfg
     vocab = cfg.d_vocab or 100
@@ -137,7 +123,7 @@ def example_inputs(bridge: TransformerBridge, batch: int = 2, pos: int = 8) -> d
 class _Run:
     """The verification of one bridge on one set of inputs."""
 
-    def __init__(self, bridge: TransformerBridge, inputs: dict[str, Any]) -> None:
+    def __init__(self, bridge: BridgeLike, inputs: dict[str, Any]) -> None:
         self.bridge = bridge
         self.inputs = inputs
         self.points = {n: p for n, p in bridge.hook_dict.items() if p.enabled}
@@ -363,20 +349,20 @@ def _shown(dims: dict[str, int | None]) -> str:
     return ", ".join(f"{k}={v}" for k, v in dims.items() if v is not None)
 
 
-def _walk(bridge: TransformerBridge) -> Iterator[GeneralizedComponent]:
+def _walk(bridge: BridgeLike) -> Iterator[GeneralizedComponent]:
     for module in bridge.modules():
         if isinstance(module, GeneralizedComponent):
             yield module
 
 
-def _owners(bridge: TransformerBridge) -> Iterator[tuple[str, str]]:
+def _owners(bridge: BridgeLike) -> Iterator[tuple[str, str]]:
     """(hook name, name of the component that owns it)."""
     for component in _walk(bridge):
         for _, point in component.own_hook_points():
             yield point.name, component.name
 
 
-def _dims(bridge: TransformerBridge, inputs: dict[str, Any]) -> dict[str, dict[str, int | None]]:
+def _dims(bridge: BridgeLike, inputs: dict[str, Any]) -> dict[str, dict[str, int | None]]:
     """The shape symbols' values for each component (``""``: the bridge's own)."""
     cfg = bridge.cfg
     ids = inputs.get("input_ids")
@@ -408,7 +394,7 @@ def _dims(bridge: TransformerBridge, inputs: dict[str, Any]) -> dict[str, dict[s
     return found
 
 
-def _attentions(bridge: TransformerBridge) -> list[GeneralizedComponent]:
+def _attentions(bridge: BridgeLike) -> list[GeneralizedComponent]:
     """Attention components (with per-head q/k/v/z), first and last of each stack of layers."""
     found = [c for c in _walk(bridge) if _bound(c, "hook_z") and _bound(c, "hook_q")]
     stacks: dict[str, list[GeneralizedComponent]] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -20,12 +21,26 @@ from bridge_core.components.base import GeneralizedComponent
 from bridge_core.hooks import HookPoint
 
 if TYPE_CHECKING:
-    from bridge_core.bridge import TransformerBridge
+    from bridge_core.bridgelike import BridgeLike
     from bridge_core.cache import ActivationCache
-    from bridge_core.verify import Result
 
 
 Hook = tuple[str, Callable[..., Any]]
+
+
+@dataclass
+class Result:
+    """One check of one hook point (or of the whole model, with ``hook = ""``)."""
+
+    check: str
+    hook: str
+    ok: bool | None  # None: skipped
+    detail: str = ""
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``FAIL`` or ``skipped``."""
+        return "skipped" if self.ok is None else "ok" if self.ok else "FAIL"
 
 
 class RunLike(Protocol):
@@ -40,8 +55,6 @@ class RunLike(Protocol):
 
 
 def _result(check: str, hook: str, ok: bool | None, detail: str) -> Result:
-    from bridge_core.verify import Result
-
     return Result(check, hook, ok, detail)
 
 
@@ -185,7 +198,7 @@ def _pattern_from(
 _LAYER = re.compile(r"^(?P<stack>.+)\.(?P<i>\d+)\.hook_resid_pre$")
 
 
-def residual_algebra(bridge: TransformerBridge, cache: ActivationCache) -> Iterator[Result]:
+def residual_algebra(bridge: BridgeLike, cache: ActivationCache) -> Iterator[Result]:
     """Block outputs add up to the residual stream, and `decompose_resid` sums to it."""
     names = set(bridge.hook_names())
     stacks: dict[str, int] = {}
@@ -203,7 +216,7 @@ def residual_algebra(bridge: TransformerBridge, cache: ActivationCache) -> Itera
             yield from _decomposition(cache, n_layers, stack)
 
 
-def _is_blocks(bridge: TransformerBridge, stack: str) -> bool:
+def _is_blocks(bridge: BridgeLike, stack: str) -> bool:
     """Whether `stack` is a list of the ``block`` kind (the text model's, an encoder's or a
     decoder's), not, say, a vision tower's layers."""
     from bridge_core.components.standard import BlockBridge
@@ -211,7 +224,7 @@ def _is_blocks(bridge: TransformerBridge, stack: str) -> bool:
     return isinstance(bridge.get_submodule(f"{stack}.0"), BlockBridge)
 
 
-def _layout(bridge: TransformerBridge, stack: str) -> str:
+def _layout(bridge: BridgeLike, stack: str) -> str:
     """The config's block layout for stacks of blocks; other stacks are pre-norm."""
     return bridge.cfg.block_layout if _is_blocks(bridge, stack) else "pre_norm"
 

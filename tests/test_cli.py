@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from bridge_adapters import tiny
 from bridge_core import AdapterSpec, TransformerBridge, get_registry
 from bridge_core.cli import main
 from bridge_core.cli.demo import CACHE_ENV, DEFAULT_DIR, default_model
@@ -137,6 +138,28 @@ def test_plugins_lists_load_errors_with_the_original_message(
     sys.modules.pop("tb_cli_broken", None)
 
 
+def test_plugins_lists_a_plugin_that_exits_at_import(
+    cli: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    """Issue 11: a plugin calling sys.exit() at import silenced the CLI."""
+    site = tmp_path / "site"
+    dist = site / "tb_cli_exits-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tb-cli-exits\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[transformer_bridge]\nexits = tb_cli_exits\n")
+    (site / "tb_cli_exits.py").write_text("import sys\nsys.exit(4)\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("TRANSFORMER_BRIDGE_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+
+    code, out, _ = cli("--plain", "plugins")
+
+    assert code == 1
+    assert "bridge_adapters.plugin" in out
+    rows = [line for line in out.splitlines() if line.startswith("exits ")]
+    assert rows and "SystemExit(4)" in rows[0]
+    sys.modules.pop("tb_cli_exits", None)
+
+
 @pytest.mark.parametrize("fmt", ["toml", "json"])
 def test_spec_show_prints_a_spec_that_round_trips(cli: Run, fmt: str) -> None:
     code, out, _ = cli("spec", "show", "llama", "--format", fmt)
@@ -221,6 +244,45 @@ def test_names_matching_nothing(cli: Run, saved_gpt2: Path) -> None:
     line = one_error_line(err)
     assert code == 2 and "matches no hook point" in line
     assert "Did you mean 'blocks.1.hook_resid_post'" in line and "glob patterns" in line
+
+
+def test_an_empty_prompt_is_run_or_refused_never_replaced(
+    cli: Run, saved_gpt2: Path, tmp_path: Path
+) -> None:
+    """Issue 11: --prompt "" ran the default prompt instead. It runs on the BOS token alone."""
+    code, out, _ = cli("--plain", "run", saved_gpt2, "--prompt", "")
+    assert code == 0 and "'', 1 tokens" in out
+    assert "quick brown fox" not in out
+    code, out, _ = cli("--plain", "hooks", saved_gpt2, "--prompt", "")  # the dry run, too
+    assert code == 0 and "quick brown fox" not in out
+    # a tokenizer without BOS makes no token of it: a usage error naming --prompt
+    model, tokenizer = tiny.tiny_gpt2()
+    tokenizer.bos_token = None
+    no_bos = tiny.save_pretrained(model, tokenizer, tmp_path / "no-bos")
+    code, _, err = cli("run", no_bos, "--prompt", "")
+    assert code == 2
+    last = err.strip().splitlines()[-1]  # after save_pretrained's progress bar
+    assert last.startswith("transformer-bridge: error: --prompt '': the text input '' tokenizes")
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (("--names", ","), "--names ',' names no hook point"),
+        (("--names", " , ", ","), "names no hook point"),
+        (("--top-k", "-3"), "argument --top-k: '-3' is no integer >= 0"),
+        (("--device", "gpu"), "argument --device: 'gpu' is no torch device"),
+        (("--device", "cuda:99"), "argument --device: 'cuda:99': this machine has"),
+        (("--device", "meta"), "argument --device: 'meta' holds no weights"),
+    ],
+)
+def test_bad_run_options_are_usage_errors(
+    cli: Run, saved_gpt2: Path, option: tuple[str, ...], message: str
+) -> None:
+    """Issue 11: --names , and --top-k -3 were accepted; a bad --device exited 1."""
+    code, _, err = cli("run", saved_gpt2, "--prompt", "hi", *option)
+    assert code == 2 and message in err, err
+    assert "Accepted:" in err or "integer" in err
 
 
 def test_unknown_models(cli: Run, tmp_path: Path) -> None:

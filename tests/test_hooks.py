@@ -130,9 +130,9 @@ def test_hooks_removed_when_a_hook_raises(
 
 
 def test_hooks_removed_when_the_forward_raises(gpt2_bridge: TransformerBridge) -> None:
-    too_long = torch.zeros(1, 1000, dtype=torch.long)  # beyond n_positions
+    beyond_vocab = torch.full((1, 4), 10**6, dtype=torch.long)  # fails in the embedding
     with pytest.raises((IndexError, RuntimeError)):
-        gpt2_bridge.run_with_cache(too_long)
+        gpt2_bridge.run_with_cache(beyond_vocab)
     assert no_hooks(gpt2_bridge)
 
 

@@ -258,6 +258,32 @@ def test_boot_hub_id_missing_from_offline_cache(offline_hub: Path) -> None:
     assert "HF_HUB_OFFLINE" in message and "cache" in message
 
 
+def test_boot_loads_the_tokenizer_of_the_revision_and_cache_dir_it_is_given(
+    tmp_path: Path, text_models: dict[str, Any]
+) -> None:
+    """Issue 11: a pinned revision tokenized with main's tokenizer, and cache_dir= left the
+    bridge without a tokenizer. Two revisions whose tokenizers differ (main adds a BOS)."""
+    model, _ = text_models["gpt2"]
+    vocab = model.config.vocab_size
+    hub = tmp_path / "hf-home"
+    pinned, main = "a" * 40, "b" * 40
+    for sha, add_bos in ((pinned, False), (main, True)):  # the last one becomes refs/main
+        saved = tiny.save_pretrained(
+            model, tiny.build_tokenizer(vocab, add_bos=add_bos), tmp_path / sha
+        )
+        tiny.save_as_hub_cache(saved, "tiny-org/two-revisions", hub, revision_sha=sha)
+    where = {"cache_dir": hub / "hub", "local_files_only": True}  # nothing from the network
+
+    at_pin = TransformerBridge.boot("tiny-org/two-revisions", revision=pinned, **where)
+    at_main = TransformerBridge.boot("tiny-org/two-revisions", **where)
+
+    bos = at_main.tokenizer.bos_token_id
+    assert at_pin.tokenizer is not None and at_main.tokenizer is not None
+    assert at_main.to_tokens("Hello")[0, 0].item() == bos
+    assert at_pin.to_tokens("Hello")[0, 0].item() != bos
+    assert torch.equal(at_pin.to_tokens("Hello")[0], at_main.to_tokens("Hello")[0, 1:])
+
+
 # -- bad paths -----------------------------------------------------------------------------
 
 

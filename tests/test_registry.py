@@ -345,7 +345,7 @@ def test_resolve_adapter_first_result_wins() -> None:
     assert registry.resolve(config).name == "first"
 
 
-def test_resolve_adapter_returning_junk_names_the_plugin() -> None:
+def test_resolve_adapter_returning_junk_is_reported_and_routing_goes_on() -> None:
     registry = Registry(autoload=False)
 
     @hookimpl
@@ -355,10 +355,33 @@ def test_resolve_adapter_returning_junk_names_the_plugin() -> None:
     registry.register(SimpleNamespace(resolve_adapter=resolve_adapter), name="stringly")
     config = SimpleNamespace(architectures=["GPT2LMHeadModel"], model_type="gpt2")
 
-    with pytest.raises(PluginLoadError) as error:
-        registry.resolve(config)
-    assert "resolve_adapter" in str(error.value)
-    assert "stringly" in str(error.value), f"the error does not name the plugin: {error.value}"
+    with pytest.warns(RuntimeWarning, match=r"plugin 'stringly' hook resolve_adapter returned"):
+        assert registry.resolve(config).name == "gpt2"
+    assert "routing by architecture goes on" in str(registry.plugin_errors["stringly"])
+
+
+@pytest.mark.parametrize("raised", [RuntimeError("no network"), SystemExit(3)])
+def test_resolve_adapter_that_raises_blocks_no_wrap(
+    fresh_registry: None,
+    text_models: dict[str, tuple[Any, Any]],
+    ids: torch.Tensor,
+    raised: BaseException,
+) -> None:
+    """Issue 11: one plugin whose resolve_adapter raised made every wrap fail."""
+    model, tokenizer = text_models["gpt2"]
+
+    @hookimpl
+    def resolve_adapter(hf_config: Any) -> AdapterSpec:
+        raise raised
+
+    get_registry().register(SimpleNamespace(resolve_adapter=resolve_adapter), name="flaky")
+    with pytest.warns(RuntimeWarning, match=r"plugin 'flaky' hook resolve_adapter raised"):
+        bridge = TransformerBridge.wrap(model, tokenizer=tokenizer)
+
+    assert bridge.adapter.name == "gpt2"
+    assert torch.equal(bridge(ids), logits(model, ids))
+    error = get_registry().plugin_errors["flaky"]
+    assert type(raised).__name__ in str(error) and error.__cause__ is raised
 
 
 # -- broken plugins through real entry points ----------------------------------------------
@@ -422,6 +445,132 @@ def test_an_entry_point_plugin_that_clashes_is_reported_and_lookup_names_both(
     for name in ("'gpt2'", "'gpt2-clash'", "'clash'", "GPT2LMHeadModel"):
         assert name in str(error.value)
     assert registry.adapter_for("LlamaForCausalLM").name == "llama"  # the rest still works
+
+
+TAKEOVER = """
+    from bridge_core import hookimpl
+    from bridge_core.components.standard import BUILTIN_KINDS
+    from bridge_core.registry import Registry
+
+    class LoudMLP(BUILTIN_KINDS["mlp"]):
+        '''The plugin's own 'mlp' kind.'''
+
+    @hookimpl
+    def register_adapters():
+        gpt2 = Registry(autoload=False).adapter("gpt2")
+        return [gpt2.model_copy(update={"description": "the plugin's gpt2", "priority": -5})]
+
+    @hookimpl
+    def register_components():
+        return {"mlp": LoudMLP}
+"""
+
+EXITS = """
+    import sys
+
+    sys.exit("usage: tb_test_plugin_exits [--fast]")
+"""
+
+MISSPELT = """
+    from bridge_core import hookimpl
+    from bridge_core.registry import Registry
+
+    @hookimpl
+    def register_adapter():
+        return [Registry(autoload=False).adapter("gpt2").model_copy(update={"name": "never"})]
+"""
+
+
+def test_an_entry_point_plugin_cannot_take_over_a_builtin_kind_or_adapter_name(
+    install_plugins: Callable[[Mapping[str, str]], None],
+    fresh_registry: None,
+    text_models: dict[str, tuple[Any, Any]],
+    ids: torch.Tensor,
+) -> None:
+    """Issue 11: a plugin re-registering 'mlp' and 'gpt2' was reported but took over every
+    model. The built-ins stay in force; the plugin's are picked by '<plugin>:<name>'."""
+    install_plugins({"takeover": TAKEOVER})
+    model, tokenizer = text_models["gpt2"]
+    registry = get_registry()
+    with pytest.warns(RuntimeWarning, match=r"plugin 'takeover' registers adapter 'gpt2'"):
+        builtin_mlp = registry.component_class("mlp")
+
+    assert builtin_mlp.__module__ == "bridge_core.components.standard"
+    bridge = TransformerBridge.wrap(model, tokenizer=tokenizer)
+    assert registry.adapter("gpt2").description != "the plugin's gpt2"
+    assert type(bridge.blocks[0].mlp) is builtin_mlp
+    message = str(registry.plugin_errors["takeover"])
+    assert "adapter='takeover:gpt2'" in message and "kind = 'takeover:mlp'" in message
+    # picked by name, the plugin's adapter and kind are there
+    assert registry.adapter("takeover:gpt2").description == "the plugin's gpt2"
+    assert registry.component_class("takeover:mlp").__name__ == "LoudMLP"
+    picked = TransformerBridge.wrap(model, tokenizer=tokenizer, adapter="takeover:gpt2")
+    assert picked.adapter.description == "the plugin's gpt2"
+    assert torch.equal(picked(ids), logits(model, ids))
+    assert "takeover" in {p.name for p in registry.plugins()}
+
+
+def test_a_plugin_that_exits_at_import_is_reported_and_the_rest_load(
+    install_plugins: Callable[[Mapping[str, str]], None],
+) -> None:
+    """Issue 11: sys.exit() in a plugin's import left the registry half-loaded."""
+    install_plugins({"exits": EXITS, "research": GOOD_RESEARCH})
+    registry = Registry()
+
+    with pytest.warns(RuntimeWarning, match=r'plugin "exits".*SystemExit.*sys.exit\(\)'):
+        names = adapter_names(registry)
+
+    assert {"gpt2", "llama", "gpt2-research"} <= names
+    error = registry.plugin_errors["exits"]
+    assert isinstance(error, PluginLoadError) and isinstance(error.__cause__, SystemExit)
+    assert "usage: tb_test_plugin_exits" in str(error)
+
+
+def test_ctrl_c_while_loading_propagates_and_leaves_the_registry_unloaded(
+    install_plugins: Callable[[Mapping[str, str]], None], tmp_path: Path
+) -> None:
+    flag = tmp_path / "interrupted-once"
+    interrupts_once = f"""
+        import pathlib
+
+        flag = pathlib.Path({str(flag)!r})
+        if not flag.exists():
+            flag.touch()
+            raise KeyboardInterrupt
+    """
+    install_plugins({"interrupts": interrupts_once, "research": GOOD_RESEARCH})
+    registry = Registry()
+
+    with pytest.raises(KeyboardInterrupt):
+        registry.adapters()
+
+    # not half-loaded: the next query loads everything afresh
+    assert {"gpt2", "llama", "gpt2-research"} <= adapter_names(registry)
+    assert registry.plugin_errors == {}
+    assert {"interrupts", "research"} <= {p.name for p in registry.plugins()}
+
+
+def test_a_misspelt_hookimpl_is_an_error_naming_the_plugin_and_the_hook(
+    install_plugins: Callable[[Mapping[str, str]], None],
+) -> None:
+    """Issue 11: `register_adapter` (no s) was silently never called."""
+
+    @hookimpl
+    def register_adapter() -> list[AdapterSpec]:
+        return []
+
+    registry = Registry(autoload=False)
+    with pytest.raises(PluginLoadError) as error:
+        registry.register(SimpleNamespace(register_adapter=register_adapter), name="typo")
+    message = str(error.value)
+    assert "plugin 'typo' implements 'register_adapter', which is no hook" in message
+    assert "Did you mean 'register_adapters'?" in message
+    assert "typo" not in {p.name for p in registry.plugins()}
+
+    install_plugins({"misspelt": MISSPELT})
+    with pytest.warns(RuntimeWarning, match="'register_adapter'.*'register_adapters'"):
+        errors = Registry().plugin_errors
+    assert "Did you mean 'register_adapters'?" in str(errors["misspelt"])
 
 
 def test_env_var_disables_entry_point_plugins_but_not_builtins(

@@ -69,8 +69,8 @@ def test_unknown_kind_names_spec_key_and_kinds(
     model, _ = text_models["gpt2"]
     with pytest.raises(
         SpecError,
-        match=r"'gpt2', components\.blocks\[0\]\.submodules\.attn.*'atention'.*"
-        r"Did you mean 'attention'",
+        match=r"'gpt2', components\.blocks\.submodules\.attn\.kind: .*'atention'.*"
+        r"Did you mean 'attention'.*\(model GPT2LMHeadModel\)",
     ):
         TransformerBridge.wrap(model, adapter=_broken(gpt2_spec, kind="atention"))
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bridge_core.cli.app import UsageError
-from bridge_core.cli.model import DTYPES, adapter_arg, check_model
+from bridge_core.cli.model import DTYPES, adapter_arg, check_model, device_arg
 from bridge_core.cli.render import Output
 from bridge_core.errors import BootError, HookNameError
 
@@ -48,7 +48,9 @@ def setup(sub: argparse.ArgumentParser) -> None:
     )
     sub.add_argument("--adapter", metavar="NAME|FILE", help="adapter name or spec file")
     sub.add_argument(
-        "--device", help="device to run on (default: cuda:LOCAL_RANK with GPUs, else cpu)"
+        "--device",
+        type=device_arg,
+        help="device to run on (default: cuda:LOCAL_RANK with GPUs, else cpu)",
     )
     sub.add_argument(
         "--dtype", choices=("float32", "float16", "bfloat16", "auto"), help="weights dtype"

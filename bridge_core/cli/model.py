@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bridge_core.cli.app import PROG, UsageError
-from bridge_core.errors import AdapterNotFoundError, BootError, did_you_mean
+from bridge_core.errors import AdapterNotFoundError, BootError, InputError, did_you_mean
 from bridge_core.spec import AdapterSpec
 
 if TYPE_CHECKING:
@@ -46,7 +46,9 @@ def model_options(
         metavar="NAME|FILE",
         help="adapter name or TOML/JSON spec file (default: chosen by the registry)",
     )
-    parser.add_argument("--device", default="cpu", help="device to run on (default: cpu)")
+    parser.add_argument(
+        "--device", default="cpu", type=device_arg, help="device to run on (default: cpu)"
+    )
     parser.add_argument(
         "--dtype",
         choices=("float32", "float16", "bfloat16", "auto"),
@@ -61,6 +63,51 @@ def model_options(
         help="image file for a multimodal model"
         + ("" if image_required else f" (default: {default})"),
     )
+
+
+DEVICES_ACCEPTED = "cpu, cuda, cuda:N, mps (one this machine has)"
+
+
+def device_arg(text: str) -> str:
+    """``--device``: a torch device this machine has (an argparse type: else exit 2).
+
+    Raises:
+        argparse.ArgumentTypeError: no such device, or none of that type here.
+    """
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is no torch device. Accepted: {DEVICES_ACCEPTED}"
+        ) from None
+    if device.type == "cpu":
+        return text
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError(
+            f"{text!r} holds no weights, so a model there cannot run. Accepted: {DEVICES_ACCEPTED}"
+        )
+    backend = getattr(torch, device.type, None)
+    available = bool(getattr(backend, "is_available", lambda: False)())
+    if device.type == "mps":
+        available = torch.backends.mps.is_available()
+    count = int(getattr(backend, "device_count", lambda: 1)()) if available else 0
+    if (device.index or 0) >= count:
+        has = f"{count} {device.type} device(s)" if count else f"no {device.type} device"
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this machine has {has}. Accepted: {DEVICES_ACCEPTED}"
+        )
+    return text
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (else exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is no integer >= 0")
+    return value
 
 
 def boot(args: argparse.Namespace, model: str | None = None) -> TransformerBridge:
@@ -213,7 +260,10 @@ def model_inputs(
         UsageError: an image was given but the model takes none.
     """
     if image is None:
-        return prompt, decoder_start(bridge, bridge.prepare_inputs(prompt))
+        try:
+            return prompt, decoder_start(bridge, bridge.prepare_inputs(prompt))
+        except InputError as exc:  # an empty or too long --prompt: a usage error
+            raise UsageError(f"--prompt {prompt!r:.60}: {exc}") from exc
     if not takes_images(bridge):
         raise UsageError(
             f"--image: {bridge.cfg.model_name or 'this model'} takes no images (no image "
@@ -253,7 +303,9 @@ def inputs_for(
         described = str(args.image)
     elif default_image and takes_images(bridge):
         image, described = generated_image(), "a generated 64x64 gradient"
-    prompt = args.prompt or (IMAGE_PROMPT if image is not None else TEXT_PROMPT)
+    prompt = args.prompt  # an empty --prompt is run (or refused), never replaced
+    if prompt is None:
+        prompt = IMAGE_PROMPT if image is not None else TEXT_PROMPT
     text, inputs = model_inputs(bridge, prompt, image)
     return text, inputs, described
 
@@ -267,11 +319,18 @@ def select_names(bridge: TransformerBridge, patterns: Sequence[str] | None) -> l
     Raises:
         UsageError: a name or pattern matches no hook point.
     """
-    if not patterns:
+    if patterns is None:
         return None
     canonical, aliases = list(bridge.hook_dict), bridge.hook_aliases()
+    given = [p.strip() for item in patterns for p in item.split(",") if p.strip()]
+    if not given:
+        raise UsageError(
+            f"--names {' '.join(patterns)!r} names no hook point. Accepted: hook names or "
+            f"aliases such as {canonical[0]!r}, or glob patterns such as '*hook_out', "
+            "separated by spaces or commas (leave --names out to cache every hook point)"
+        )
     chosen: set[str] = set()
-    for pattern in (p for item in patterns for p in item.split(",") if p):
+    for pattern in given:
         if pattern in bridge.hook_dict or pattern in aliases:
             chosen.add(aliases.get(pattern, pattern))
             continue

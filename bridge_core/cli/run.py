@@ -16,6 +16,7 @@ from bridge_core.cli.model import (
     inputs_for,
     load_image,
     model_options,
+    non_negative_int,
     select_names,
 )
 from bridge_core.cli.render import Output
@@ -47,7 +48,7 @@ def setup(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--top-k",
-        type=int,
+        type=non_negative_int,
         default=5,
         metavar="K",
         help="show the K most likely next tokens (default: 5; 0: none)",

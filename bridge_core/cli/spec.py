@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from bridge_core.cli.app import CommandFailed, UsageError, add_command
+from bridge_core.cli.app import UsageError, add_command
 from bridge_core.cli.render import Output
-from bridge_core.errors import AdapterNotFoundError
+from bridge_core.errors import AdapterNotFoundError, SpecError
 from bridge_core.registry import get_registry
 
 
@@ -36,27 +36,22 @@ def cmd_spec_show(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_spec_validate(args: argparse.Namespace, out: Output) -> int:
-    """Validate a spec file: schema, then component kinds against the registry."""
-    from bridge_core.spec import AdapterSpec, ComponentSpec
+    """Validate a spec file with every check `wrap` makes that needs no model (a SpecError
+    naming the file or the key exits 1)."""
+    from bridge_core.assembly import check_spec
+    from bridge_core.bridge import RESERVED_NAMES
+    from bridge_core.spec import AdapterSpec
 
     path: Path = args.file
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise UsageError(f"spec file {str(path)!r} {what}; expected a .toml or .json adapter spec")
-    spec = AdapterSpec.from_file(path)  # SpecError: invalid, with the key (exit 1)
+    spec = AdapterSpec.from_file(path)
     registry = get_registry()
-    kinds = registry.component_kinds()
-
-    def check(components: dict[str, ComponentSpec], where: str) -> None:
-        for key, component in components.items():
-            if component.kind not in kinds:
-                try:
-                    registry.component_class(component.kind)
-                except AdapterNotFoundError as exc:
-                    raise CommandFailed(f"{path}: {where}.{key}.kind: {exc}") from exc
-            check(component.submodules, f"{where}.{key}.submodules")
-
-    check(spec.components, "components")
+    try:
+        check_spec(spec, registry, RESERVED_NAMES)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from exc
     out.line(
         f"{path}: valid adapter spec {spec.name!r} for {', '.join(spec.architectures)} "
         f"({len(spec.components)} top-level components, {len(spec.hook_aliases)} hook aliases)",

@@ -11,10 +11,15 @@ from bridge_core import expr
 from bridge_core.hooks import HookPoint, InputTap, OutputTap
 
 if TYPE_CHECKING:
-    from bridge_core.multimodal import ImageLayout, LayoutRequest
+    from bridge_core.layout import ImageLayout, LayoutRequest
 
 Shape = tuple[int | str, ...]
 """A shape in symbols, ``("batch", "pos", "d_model")``: see `GeneralizedComponent.dims`."""
+
+
+_INSTANCE_ATTRIBUTES = frozenset(
+    {"name", "config", "options", "original_component", "removed_aliases", "extra_hooks"}
+) | frozenset(vars(nn.Module()))
 
 
 class GeneralizedComponent(nn.Module):
@@ -97,6 +102,13 @@ class GeneralizedComponent(nn.Module):
                     f"{type(self).__name__} {self.name!r} has no {name!r}: its target "
                     f"{target!r} does not exist in this component"
                 ) from None
+
+    @classmethod
+    def reserved_names(cls) -> frozenset[str]:
+        """Names a child component cannot take: attributes of this kind and of every component
+        (``name``, ``config``, ``forward`` ...). Hook point names start with ``hook_``, which
+        component names never do."""
+        return frozenset(dir(cls)) | _INSTANCE_ATTRIBUTES
 
     def set_original_component(self, module: nn.Module) -> None:
         """Attach this component to the HF module it bridges and bind its hook points."""
