@@ -4,7 +4,8 @@ Not part of the shipped distribution. Modules, one concept each:
 
 - `timing`: interleaved, shuffled rounds after warm-up; median and min.
 - `models`: the three locally built models ("tiny", "small", "llava") and their inputs.
-- `workloads`: what is timed: HF and bridge variants of each measured operation.
+- `baselines`: the plain-HF baselines (torch and transformers only, runnable in any venv).
+- `workloads`: what is timed on the bridge: its variants of each measured operation.
 - `external`: optional TransformerLens / nnsight columns, when they are importable.
 - `process`: measurements in fresh processes (import time, first wrap, peak memory).
 - `report`: the markdown table and the JSON file.

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import transformers
 
-from benchmarks import external, models, process, report, timing, workloads
+from benchmarks import baselines, external, models, process, report, timing, workloads
 
 SAMPLE_S = 0.1  # a sample of a short call repeats it to last about this long
 
@@ -118,7 +118,7 @@ def measure(case: models.Case, settings: Settings) -> dict[str, Any]:
     log(f"{case.name}: {case.description}")
     eager = case.model_class.from_pretrained(case.directory, attn_implementation="eager").eval()
     bridge, note = workloads.wrap(case)
-    hf = workloads.hf_runs(case, eager)
+    hf = baselines.hf_runs(case, eager)
     bridged = workloads.bridge_runs(case, bridge) if bridge is not None else {}
     entry: dict[str, Any] = {
         "description": case.description,
