@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -13,11 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
-from benchmarks import baselines, external, models, process, report, timing, workloads
-
-SAMPLE_S = 0.1  # a sample of a short call repeats it to last about this long
+from benchmarks import baselines, external, machine, models, process, report, timing, workloads
 
 
 @dataclass(frozen=True)
@@ -86,33 +82,6 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            names = [line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "os": f"{platform.system()} {platform.release()}",
-        "load_average_start": os.getloadavg(),
-    }
-    info["summary"] = (
-        f"{info['cpu']}, {info['cores']} cores, {info['os']}; Python {info['python']}, "
-        f"torch {info['torch']} ({info['torch_threads']} threads), transformers "
-        f"{info['transformers']}"
-    )
-    return info
-
-
 def measure(case: models.Case, settings: Settings) -> dict[str, Any]:
     """Every per-model measurement of `case`."""
     log(f"{case.name}: {case.description}")
@@ -157,7 +126,7 @@ def _timed(
         return {}
     if inner is None:
         first = next(iter(variants.values()))
-        inner = 1 if settings.smoke else timing.calibrate(first, SAMPLE_S)
+        inner = 1 if settings.smoke else timing.calibrate(first, timing.SAMPLE_S)
     if what:
         log(f"{what}: {len(variants)} variants, {settings.rounds} rounds x {inner} calls")
     return timing.interleave(
@@ -190,7 +159,7 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
     """Every measurement `settings` asks for, as a JSON-ready dictionary."""
     result: dict[str, Any] = {
         "command": command,
-        "machine": machine(),
+        "machine": machine.machine(),
         "settings": {
             "models": list(settings.models),
             "rounds": settings.rounds,
