@@ -105,7 +105,7 @@ def timing_table(result: Result) -> str:
     tools = [t for t in TOOLS if any(f"{t}:" in k for m in _models(result) for k in m["timings"])]
     head = ["model", "metric", "HF median / min", "bridge median / min", "bridge - HF (median)"]
     head += ["ratio median (min)", "target", "verdict", *(f"{TOOLS[t]} ratio" for t in tools)]
-    lines = [_row(head), _row(["---"] * len(head))]
+    lines = [row(head), row(["---"] * len(head))]
     for name, model in result["models"].items():
         timings = model["timings"]
         for metric in METRICS:
@@ -121,7 +121,7 @@ def timing_table(result: Result) -> str:
             for tool in tools:
                 t = ratio(timings, f"{tool}:{metric.key.removesuffix('_vs_torch')}", metric.hf)
                 cells.append("n/a" if t is None else f"{t[0]:.3f}x ({t[1]:.3f}x)")
-            lines.append(_row(cells))
+            lines.append(row(cells))
         wrap = _stat(timings, "bridge_wrap")
         if wrap is not None:
             judged = verdict(wrap[0], WRAP_TARGET_S) if name == TARGET_MODEL else ""
@@ -129,7 +129,7 @@ def timing_table(result: Result) -> str:
             cells += ["<= 20 ms", judged]
             for tool in tools:
                 cells.append(_pair(_stat(timings, f"{tool}:wrap")))
-            lines.append(_row(cells))
+            lines.append(row(cells))
     return "\n".join(lines)
 
 
@@ -152,13 +152,13 @@ def process_table(result: Result) -> str:
         "first_wrap_s": ("first wrap in the process (loads the registry), tiny", None),
         "second_wrap_s": ("second wrap, tiny", WRAP_TARGET_S),
     }
-    lines = [_row(["fresh process", "median / min", "target", "verdict"]), _row(["---"] * 4)]
+    lines = [row(["fresh process", "median / min", "target", "verdict"]), row(["---"] * 4)]
     for key, (label, target) in labels.items():
         samples = process[key]
         median = statistics.median(samples)
         shown = "" if target is None else f"<= {seconds(target)}"
         lines.append(
-            _row([label, f"{seconds(median)} / {seconds(min(samples))}", shown,
+            row([label, f"{seconds(median)} / {seconds(min(samples))}", shown,
                   verdict(median, target)])
         )  # fmt: skip
     return "\n".join(lines)
@@ -178,7 +178,7 @@ def memory_table(result: Result) -> str:
     head = ["model", "cache entries (names incl. aliases)", "cache unique bytes"]
     head += ["if aliases stored again", "HF hidden+attentions", "peak RSS: HF fwd / bridge fwd"]
     head += ["peak RSS: HF outputs / bridge cache all / bridge HF's set"]
-    lines = [_row(head), _row(["---"] * len(head))]
+    lines = [row(head), row(["---"] * len(head))]
     for name, model in result["models"].items():
         cache, memory = model.get("cache"), model.get("memory", {})
         if not cache:
@@ -189,7 +189,7 @@ def memory_table(result: Result) -> str:
             return mib(None if entry is None else entry["peak_bytes"])
 
         lines.append(
-            _row([
+            row([
                 name,
                 f"{cache['entries']} ({cache['names_incl_aliases']})",
                 mib(cache["unique_bytes"]),
@@ -244,13 +244,15 @@ def markdown(result: Result) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_json(result: Result, out: Path) -> Path:
-    """Write the result to ``out/benchmark-<time>.json`` and ``out/latest.json``."""
+def write_json(
+    result: Result, out: Path, name: str = "benchmark", latest: str = "latest.json"
+) -> Path:
+    """Write the result to ``out/<name>-<time>.json`` and ``out/<latest>``."""
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2)
-    path = out / time.strftime("benchmark-%Y%m%d-%H%M%S.json")
+    path = out / time.strftime(f"{name}-%Y%m%d-%H%M%S.json")
     path.write_text(text)
-    (out / "latest.json").write_text(text)
+    (out / latest).write_text(text)
     return path
 
 
@@ -258,5 +260,6 @@ def _models(result: Result) -> list[dict[str, Any]]:
     return list(result["models"].values())
 
 
-def _row(cells: list[str]) -> str:
+def row(cells: list[str]) -> str:
+    """One markdown table row."""
     return "| " + " | ".join(cells) + " |"
