@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.external import TOOLS
-
 Result = dict[str, Any]
 
 
@@ -102,9 +100,8 @@ def verdict(value: float, target: float | None) -> str:
 
 def timing_table(result: Result) -> str:
     """One row per model and metric: HF and bridge median / min, ratios, target."""
-    tools = [t for t in TOOLS if any(f"{t}:" in k for m in _models(result) for k in m["timings"])]
     head = ["model", "metric", "HF median / min", "bridge median / min", "bridge - HF (median)"]
-    head += ["ratio median (min)", "target", "verdict", *(f"{TOOLS[t]} ratio" for t in tools)]
+    head += ["ratio median (min)", "target", "verdict"]
     lines = [row(head), row(["---"] * len(head))]
     for name, model in result["models"].items():
         timings = model["timings"]
@@ -118,17 +115,12 @@ def timing_table(result: Result) -> str:
             cells = [name, metric.label, _pair(_stat(timings, metric.hf))]
             cells += [_pair(_stat(timings, metric.bridge)), _difference(timings, metric)]
             cells += [shown, target, judged]
-            for tool in tools:
-                t = ratio(timings, f"{tool}:{metric.key.removesuffix('_vs_torch')}", metric.hf)
-                cells.append("n/a" if t is None else f"{t[0]:.3f}x ({t[1]:.3f}x)")
             lines.append(row(cells))
         wrap = _stat(timings, "bridge_wrap")
         if wrap is not None:
             judged = verdict(wrap[0], WRAP_TARGET_S) if name == TARGET_MODEL else ""
             cells = [name, "wrap the in-memory model", "", _pair(wrap), "", ""]
             cells += ["<= 20 ms", judged]
-            for tool in tools:
-                cells.append(_pair(_stat(timings, f"{tool}:wrap")))
             lines.append(row(cells))
     return "\n".join(lines)
 
@@ -254,10 +246,6 @@ def write_json(
     path.write_text(text)
     (out / latest).write_text(text)
     return path
-
-
-def _models(result: Result) -> list[dict[str, Any]]:
-    return list(result["models"].values())
 
 
 def row(cells: list[str]) -> str:

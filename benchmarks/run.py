@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import baselines, external, machine, models, process, report, timing, workloads
+from benchmarks import baselines, machine, models, process, report, timing, workloads
 
 
 @dataclass(frozen=True)
@@ -95,18 +95,10 @@ def measure(case: models.Case, settings: Settings) -> dict[str, Any]:
         "bridge_note": note,
         "notes": [note] if note else [],
     }
-    tools: dict[str, timing.Variant] = {}
-    for tool in external.installed():
-        found, notes = external.runs(tool, case)
-        tools |= found
-        entry["notes"] += notes
-    wraps = {k: v for k, v in tools.items() if k.endswith(":wrap")}
-    calls = {k: v for k, v in tools.items() if not k.endswith(":wrap")}
-    if bridge is not None:
-        wraps["bridge_wrap"] = workloads.wrap_run(case)
+    wraps = {"bridge_wrap": workloads.wrap_run(case)} if bridge is not None else {}
     with torch.no_grad():
         entry["checks"] = workloads.check(case, hf, bridged or None)
-        timings = _timed({**hf, **bridged, **calls}, settings, f"{case.name}: calls")
+        timings = _timed({**hf, **bridged}, settings, f"{case.name}: calls")
         timings |= _timed(workloads.load_runs(case, bridge is not None), settings, "", inner=1)
         timings |= _timed(wraps, settings, "")
         if bridge is not None:
