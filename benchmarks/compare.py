@@ -8,7 +8,10 @@ a library can change the process it is imported into (nnsight patches torch and 
 ``.save`` on every object; TransformerLens replaces the modules of the model it wraps): with
 all three in one process, the plain forward of the tiny GPT-2 once measured 12.4 ms instead of
 3.6 ms, so the comparison had disturbed its own baseline. Here every ratio is a library over
-its own process's baseline, and the driver checks that the baselines agree across processes:
+its own process's baseline, measured in the same rounds. A shared machine's speed drifts over
+minutes, so the rounds are split into ``--legs`` (default 3): each leg starts one process per
+library, in an order that rotates from leg to leg, and a library's samples from all its legs
+are pooled. The driver checks that the baselines agree across the libraries' processes:
 
 - the HF logits have the same digest in every process (same model, inputs and numerics), and
   every process runs the same torch and transformers;
@@ -67,6 +70,7 @@ class Settings:
     compare_python: Path
     out: Path
     inner: int | None
+    legs: int
 
 
 def parse_args(argv: list[str]) -> Settings:
@@ -78,6 +82,9 @@ def parse_args(argv: list[str]) -> Settings:
     parser.add_argument("--models", default=",".join(models.MODELS), help="comma-separated")
     parser.add_argument("--tools", default=",".join(tools.TOOLS), help="comma-separated")
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds (default 15)")
+    parser.add_argument(
+        "--legs", type=int, default=3, help="processes per library, the rounds split among them"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="warm-up calls (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the round order")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -103,8 +110,8 @@ def parse_args(argv: list[str]) -> Settings:
         unknown = [name for name in chosen[what] if name not in known]
         if unknown or not chosen[what]:
             parser.error(f"--{what}: unknown or none {unknown}; choose from {', '.join(known)}")
-    if args.rounds < 1 or args.warmup < 0:
-        parser.error("--rounds must be >= 1, --warmup >= 0")
+    if args.rounds < 1 or args.warmup < 0 or not 1 <= args.legs <= args.rounds:
+        parser.error("--rounds must be >= 1, --warmup >= 0, 1 <= --legs <= --rounds")
     return Settings(
         models=("tiny",) if args.smoke else chosen["models"],
         tools=chosen["tools"],
@@ -118,6 +125,7 @@ def parse_args(argv: list[str]) -> Settings:
         compare_python=args.compare_python,
         out=args.out,
         inner=1 if args.smoke else None,
+        legs=1 if args.smoke else args.legs,
     )
 
 
@@ -151,6 +159,7 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
             "models": list(settings.models),
             "tools": list(settings.tools),
             "rounds": settings.rounds,
+            "legs": settings.legs,
             "warmup": settings.warmup,
             "seed": settings.seed,
             "torch_threads": settings.threads,
@@ -165,10 +174,13 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
         for name in settings.models:
             log(f"{name}: building and saving")
             directory = models.build(name, Path(tmp)).directory
-            workers = {}
-            for tool in settings.tools:
-                log(f"{name}: {tools.TOOLS[tool]} in its own process")
-                workers[tool] = run_worker(tool, directory, settings)
+            legs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in settings.tools}
+            for leg in range(settings.legs):
+                turn = leg % len(settings.tools)
+                for tool in settings.tools[turn:] + settings.tools[:turn]:
+                    log(f"{name}, leg {leg + 1}/{settings.legs}: {tools.TOOLS[tool]}")
+                    legs[tool].append(run_worker(tool, directory, settings, leg))
+            workers = {tool: pool(found) for tool, found in legs.items()}
             result["models"][name] = {"workers": workers, "agreement": agreement(workers, settings)}
     result["machine"]["load_average_end"] = os.getloadavg()
     result["problems"] = problems(result)
@@ -176,15 +188,16 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
     return result
 
 
-def run_worker(tool: str, directory: Path, settings: Settings) -> dict[str, Any]:
-    """One worker process's JSON, or ``{"failed": why}``."""
+def run_worker(tool: str, directory: Path, settings: Settings, leg: int = 0) -> dict[str, Any]:
+    """One worker process's JSON (its share of the rounds), or ``{"failed": why}``."""
     python = Path(sys.executable) if tool == "bridge" else settings.compare_python
     if not python.exists():
         return {"tool": tool, "failed": f"no Python at {python} (run `make bench-compare`)"}
-    out = directory.parent / f"{directory.name}-{tool}.json"
+    out = directory.parent / f"{directory.name}-{tool}-{leg}.json"
+    rounds = -(-settings.rounds // settings.legs)  # at least `rounds` samples in all
     command = [str(python), "-m", "benchmarks.compare_worker", "--tool", tool]
-    command += ["--case", str(directory), "--out", str(out), "--rounds", str(settings.rounds)]
-    command += ["--warmup", str(settings.warmup), "--seed", str(settings.seed)]
+    command += ["--case", str(directory), "--out", str(out), "--rounds", str(rounds)]
+    command += ["--warmup", str(settings.warmup), "--seed", str(settings.seed + leg)]
     command += ["--threads", str(settings.threads), "--clock", settings.clock]
     if settings.inner is not None:
         command += ["--inner", str(settings.inner)]
@@ -198,6 +211,48 @@ def run_worker(tool: str, directory: Path, settings: Settings) -> dict[str, Any]
     worker: dict[str, Any] = json.loads(out.read_text())
     worker["process"]["executable"] = os.path.relpath(worker["process"]["executable"], ROOT)
     return worker
+
+
+def pool(legs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One library's legs as one worker result: samples pooled, each check at its worst.
+
+    A failed leg fails the whole; versions and notes are the first leg's (the legs run the
+    same Python); the HF logits' digest is the first leg's when all agree, else all of them.
+    """
+    failed = [leg for leg in legs if "failed" in leg]
+    if failed:
+        return failed[0]
+    pooled = dict(legs[0])
+    timings: dict[str, Any] = {}
+    for name in legs[0]["timings"]:
+        samples = [s for leg in legs for s in leg["timings"][name]["samples_s"]]
+        per = [leg["timings"][name]["calls_per_sample"] for leg in legs]
+        stats = timing.Stats(tuple(samples), per[0]).as_dict()
+        timings[name] = stats | {"calls_per_sample": per}
+    pooled["timings"] = timings
+    if "checks" in legs[0]:
+        checks = legs[0]["checks"]
+        pooled["checks"] = {key: _worst([leg["checks"][key] for leg in legs]) for key in checks}
+    digests = list(dict.fromkeys(leg["hf_logits_sha256"] for leg in legs))
+    pooled["hf_logits_sha256"] = " / ".join(digests)
+    pooled["legs"] = len(legs)
+    pooled["load_averages"] = [
+        [leg["process"]["load_average_start"][0], leg["process"]["load_average_end"][0]]
+        for leg in legs
+    ]
+    return pooled
+
+
+def _worst(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worst of one check's outcomes: the largest difference (the smallest, for a lower
+    bound such as "the ablation moves the logits")."""
+    worst = dict(outcomes[0])
+    pick = min if worst.get("lower_bound") else max
+    worst["max_abs_diff"] = pick(outcome["max_abs_diff"] for outcome in outcomes)
+    worst["ok"] = all(outcome["ok"] for outcome in outcomes)
+    if "bitwise" in worst:
+        worst["bitwise"] = all(outcome["bitwise"] for outcome in outcomes)
+    return worst
 
 
 def agreement(workers: dict[str, dict[str, Any]], settings: Settings) -> dict[str, Any]:
@@ -218,7 +273,7 @@ def agreement(workers: dict[str, dict[str, Any]], settings: Settings) -> dict[st
                 f"{name} medians differ by {spread:.0%} across processes (tolerance {limit:.0%})"
             )
     digests = {tool: w["hf_logits_sha256"] for tool, w in measured.items()}
-    if len(set(digests.values())) > 1:
+    if len({d for found in digests.values() for d in found.split(" / ")}) > 1:
         found.append(f"the HF logits differ across processes ({digests}): not the same run")
     versions = {
         tool: f"torch {w['process']['torch']}, transformers {w['process']['transformers']}"

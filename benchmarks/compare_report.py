@@ -56,9 +56,10 @@ def markdown(result: Result) -> str:
         f"Machine: {machine['summary']}; load average (1 min) {load} at the start / end",
         f"Command: `{result['command']}` ({settings['rounds']} rounds, shuffled, after "
         f"{settings['warmup']} warm-up; {settings['torch_threads']} torch thread(s); "
-        f"{settings['clock']} clock). Each library runs in its own process; ratio = the "
-        "library's median (min) over the median (min) of the plain HF baseline measured in the "
-        "same process, in the same rounds.",
+        f"{settings['clock']} clock; {settings['legs']} leg(s)). Each library runs in processes "
+        "of its own, one per leg, with the rounds split among the legs and the samples pooled; "
+        "ratio = the library's median (min) over the median (min) of the plain HF baseline "
+        "measured in the same processes, in the same rounds.",
         "",
         ratio_table(result),
         *_refusals(result),
@@ -69,7 +70,8 @@ def markdown(result: Result) -> str:
         "",
         cache_table(result),
         "",
-        "HF baselines across processes (median in each process; spread = slowest / fastest - 1):",
+        "HF baselines across the libraries' processes (median in each library's processes; "
+        "spread = slowest / fastest - 1):",
         "",
         agreement_table(result),
         "",
@@ -116,7 +118,7 @@ def ratio_cell(worker: dict[str, Any], metric: Compared, refused: bool) -> str:
 def ratio_table(result: Result) -> str:
     """One row per model and metric: each process's HF median, each library's ratio."""
     names = _tools(result)
-    head = ["model", "metric", "HF median (" + " / ".join(TOOLS[t] for t in names) + " process)"]
+    head = ["model", "metric", "HF median (" + " / ".join(TOOLS[t] for t in names) + " processes)"]
     lines = [row(head + [TOOLS[t] for t in names]), row(["---"] * (len(names) + 3))]
     for model, entry in result["models"].items():
         workers, refused = entry["workers"], not entry["agreement"]["ok"]

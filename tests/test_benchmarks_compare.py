@@ -69,3 +69,27 @@ def test_baselines_that_disagree_refuse_the_comparison(compare: Any) -> None:
 
     other_run = {"bridge": _worker(3.6e-3), "nnsight": _worker(3.6e-3, digest="4567")}
     assert "HF logits differ" in compare.agreement(other_run, settings)["problems"][0]
+
+
+def _leg(samples: list[float], diff: float) -> dict[str, Any]:
+    timings = {"hf_forward": {"median_s": 0.0, "min_s": 0.0, "calls_per_sample": 3}}
+    timings["hf_forward"]["samples_s"] = samples
+    checks = {
+        "forward_logits": {"against": "hf_forward", "max_abs_diff": diff, "bitwise": diff == 0},
+        "ablation_changes_logits": {"max_abs_diff": 0.3 - diff, "lower_bound": True},
+    }
+    for outcome in checks.values():
+        outcome["ok"] = True
+    process = {"load_average_start": [4.0, 4.0, 4.0], "load_average_end": [5.0, 5.0, 5.0]}
+    return {"timings": timings, "checks": checks, "hf_logits_sha256": "0123", "process": process}
+
+
+def test_legs_pool_their_samples_and_keep_each_checks_worst(compare: Any) -> None:
+    pooled = compare.pool([_leg([1.0, 3.0], 0.0), _leg([2.0], 1e-6)])
+
+    forward = pooled["timings"]["hf_forward"]
+    assert (forward["samples_s"], forward["median_s"], forward["min_s"]) == ([1.0, 3.0, 2.0], 2, 1)
+    assert pooled["checks"]["forward_logits"]["max_abs_diff"] == 1e-6
+    assert not pooled["checks"]["forward_logits"]["bitwise"]
+    assert pooled["checks"]["ablation_changes_logits"]["max_abs_diff"] == 0.3 - 1e-6
+    assert (pooled["legs"], pooled["hf_logits_sha256"]) == (2, "0123")
