@@ -122,14 +122,20 @@ def build(name: str, root: Path) -> Case:
 
 
 def load(directory: Path, attn_implementation: str | None = None) -> Case:
-    """Load a saved Case (the model with `from_pretrained` of its own class)."""
+    """Load a saved Case: the model (`from_pretrained` of its own class), its inputs, and the
+    processor or tokenizer that was saved with it."""
     meta = json.loads((directory / _CASE_FILE).read_text())
     config = transformers.AutoConfig.from_pretrained(directory)
     model_class = getattr(transformers, config.architectures[0])
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = model_class.from_pretrained(directory, **kwargs).eval()
     inputs = torch.load(directory / _INPUTS_FILE)
-    return Case(model=model, inputs=inputs, directory=directory, **meta)
+    text: dict[str, Any] = {}
+    if (directory / "processor_config.json").exists():
+        text["processor"] = transformers.AutoProcessor.from_pretrained(directory)
+    elif (directory / "tokenizer_config.json").exists():
+        text["tokenizer"] = transformers.AutoTokenizer.from_pretrained(directory)
+    return Case(model=model, inputs=inputs, directory=directory, **meta, **text)
 
 
 def hf_class(directory: Path) -> Any:

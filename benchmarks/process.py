@@ -153,12 +153,12 @@ def _peak(fn: Callable[[], object]) -> tuple[int, int]:
 def _memory_worker(directory: Path, repeats: int = 3) -> dict[str, Any]:
     import torch
 
-    from benchmarks import models, workloads
+    from benchmarks import baselines, models, workloads
 
     case = models.load(directory)
     eager = models.hf_class(directory).from_pretrained(directory, attn_implementation="eager")
     bridge, note = workloads.wrap(case)
-    runs = workloads.hf_runs(case, eager.eval())
+    runs = baselines.hf_runs(case, eager.eval())
     if bridge is not None:
         runs |= workloads.bridge_runs(case, bridge)
     result: dict[str, Any] = {"method": "RSS (VmHWM above VmRSS before the call)", "note": note}

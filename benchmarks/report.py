@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.external import TOOLS
-
 Result = dict[str, Any]
 
 
@@ -102,10 +100,9 @@ def verdict(value: float, target: float | None) -> str:
 
 def timing_table(result: Result) -> str:
     """One row per model and metric: HF and bridge median / min, ratios, target."""
-    tools = [t for t in TOOLS if any(f"{t}:" in k for m in _models(result) for k in m["timings"])]
     head = ["model", "metric", "HF median / min", "bridge median / min", "bridge - HF (median)"]
-    head += ["ratio median (min)", "target", "verdict", *(f"{TOOLS[t]} ratio" for t in tools)]
-    lines = [_row(head), _row(["---"] * len(head))]
+    head += ["ratio median (min)", "target", "verdict"]
+    lines = [row(head), row(["---"] * len(head))]
     for name, model in result["models"].items():
         timings = model["timings"]
         for metric in METRICS:
@@ -118,18 +115,13 @@ def timing_table(result: Result) -> str:
             cells = [name, metric.label, _pair(_stat(timings, metric.hf))]
             cells += [_pair(_stat(timings, metric.bridge)), _difference(timings, metric)]
             cells += [shown, target, judged]
-            for tool in tools:
-                t = ratio(timings, f"{tool}:{metric.key.removesuffix('_vs_torch')}", metric.hf)
-                cells.append("n/a" if t is None else f"{t[0]:.3f}x ({t[1]:.3f}x)")
-            lines.append(_row(cells))
+            lines.append(row(cells))
         wrap = _stat(timings, "bridge_wrap")
         if wrap is not None:
             judged = verdict(wrap[0], WRAP_TARGET_S) if name == TARGET_MODEL else ""
             cells = [name, "wrap the in-memory model", "", _pair(wrap), "", ""]
             cells += ["<= 20 ms", judged]
-            for tool in tools:
-                cells.append(_pair(_stat(timings, f"{tool}:wrap")))
-            lines.append(_row(cells))
+            lines.append(row(cells))
     return "\n".join(lines)
 
 
@@ -152,13 +144,13 @@ def process_table(result: Result) -> str:
         "first_wrap_s": ("first wrap in the process (loads the registry), tiny", None),
         "second_wrap_s": ("second wrap, tiny", WRAP_TARGET_S),
     }
-    lines = [_row(["fresh process", "median / min", "target", "verdict"]), _row(["---"] * 4)]
+    lines = [row(["fresh process", "median / min", "target", "verdict"]), row(["---"] * 4)]
     for key, (label, target) in labels.items():
         samples = process[key]
         median = statistics.median(samples)
         shown = "" if target is None else f"<= {seconds(target)}"
         lines.append(
-            _row([label, f"{seconds(median)} / {seconds(min(samples))}", shown,
+            row([label, f"{seconds(median)} / {seconds(min(samples))}", shown,
                   verdict(median, target)])
         )  # fmt: skip
     return "\n".join(lines)
@@ -178,7 +170,7 @@ def memory_table(result: Result) -> str:
     head = ["model", "cache entries (names incl. aliases)", "cache unique bytes"]
     head += ["if aliases stored again", "HF hidden+attentions", "peak RSS: HF fwd / bridge fwd"]
     head += ["peak RSS: HF outputs / bridge cache all / bridge HF's set"]
-    lines = [_row(head), _row(["---"] * len(head))]
+    lines = [row(head), row(["---"] * len(head))]
     for name, model in result["models"].items():
         cache, memory = model.get("cache"), model.get("memory", {})
         if not cache:
@@ -189,7 +181,7 @@ def memory_table(result: Result) -> str:
             return mib(None if entry is None else entry["peak_bytes"])
 
         lines.append(
-            _row([
+            row([
                 name,
                 f"{cache['entries']} ({cache['names_incl_aliases']})",
                 mib(cache["unique_bytes"]),
@@ -244,19 +236,18 @@ def markdown(result: Result) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_json(result: Result, out: Path) -> Path:
-    """Write the result to ``out/benchmark-<time>.json`` and ``out/latest.json``."""
+def write_json(
+    result: Result, out: Path, name: str = "benchmark", latest: str = "latest.json"
+) -> Path:
+    """Write the result to ``out/<name>-<time>.json`` and ``out/<latest>``."""
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2)
-    path = out / time.strftime("benchmark-%Y%m%d-%H%M%S.json")
+    path = out / time.strftime(f"{name}-%Y%m%d-%H%M%S.json")
     path.write_text(text)
-    (out / "latest.json").write_text(text)
+    (out / latest).write_text(text)
     return path
 
 
-def _models(result: Result) -> list[dict[str, Any]]:
-    return list(result["models"].values())
-
-
-def _row(cells: list[str]) -> str:
+def row(cells: list[str]) -> str:
+    """One markdown table row."""
     return "| " + " | ".join(cells) + " |"

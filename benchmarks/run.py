@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -13,11 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
-from benchmarks import external, models, process, report, timing, workloads
-
-SAMPLE_S = 0.1  # a sample of a short call repeats it to last about this long
+from benchmarks import baselines, machine, models, process, report, timing, workloads
 
 
 @dataclass(frozen=True)
@@ -86,39 +82,12 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            names = [line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "os": f"{platform.system()} {platform.release()}",
-        "load_average_start": os.getloadavg(),
-    }
-    info["summary"] = (
-        f"{info['cpu']}, {info['cores']} cores, {info['os']}; Python {info['python']}, "
-        f"torch {info['torch']} ({info['torch_threads']} threads), transformers "
-        f"{info['transformers']}"
-    )
-    return info
-
-
 def measure(case: models.Case, settings: Settings) -> dict[str, Any]:
     """Every per-model measurement of `case`."""
     log(f"{case.name}: {case.description}")
     eager = case.model_class.from_pretrained(case.directory, attn_implementation="eager").eval()
     bridge, note = workloads.wrap(case)
-    hf = workloads.hf_runs(case, eager)
+    hf = baselines.hf_runs(case, eager)
     bridged = workloads.bridge_runs(case, bridge) if bridge is not None else {}
     entry: dict[str, Any] = {
         "description": case.description,
@@ -126,18 +95,10 @@ def measure(case: models.Case, settings: Settings) -> dict[str, Any]:
         "bridge_note": note,
         "notes": [note] if note else [],
     }
-    tools: dict[str, timing.Variant] = {}
-    for tool in external.installed():
-        found, notes = external.runs(tool, case)
-        tools |= found
-        entry["notes"] += notes
-    wraps = {k: v for k, v in tools.items() if k.endswith(":wrap")}
-    calls = {k: v for k, v in tools.items() if not k.endswith(":wrap")}
-    if bridge is not None:
-        wraps["bridge_wrap"] = workloads.wrap_run(case)
+    wraps = {"bridge_wrap": workloads.wrap_run(case)} if bridge is not None else {}
     with torch.no_grad():
         entry["checks"] = workloads.check(case, hf, bridged or None)
-        timings = _timed({**hf, **bridged, **calls}, settings, f"{case.name}: calls")
+        timings = _timed({**hf, **bridged}, settings, f"{case.name}: calls")
         timings |= _timed(workloads.load_runs(case, bridge is not None), settings, "", inner=1)
         timings |= _timed(wraps, settings, "")
         if bridge is not None:
@@ -157,7 +118,7 @@ def _timed(
         return {}
     if inner is None:
         first = next(iter(variants.values()))
-        inner = 1 if settings.smoke else timing.calibrate(first, SAMPLE_S)
+        inner = 1 if settings.smoke else timing.calibrate(first, timing.SAMPLE_S)
     if what:
         log(f"{what}: {len(variants)} variants, {settings.rounds} rounds x {inner} calls")
     return timing.interleave(
@@ -190,7 +151,7 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
     """Every measurement `settings` asks for, as a JSON-ready dictionary."""
     result: dict[str, Any] = {
         "command": command,
-        "machine": machine(),
+        "machine": machine.machine(),
         "settings": {
             "models": list(settings.models),
             "rounds": settings.rounds,

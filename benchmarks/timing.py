@@ -19,9 +19,31 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 Variant = Callable[[], object]
 """A zero-argument callable: one run of the operation being timed."""
+
+SAMPLE_S = 0.1
+"""A sample of a short call repeats it to last about this long (see `calibrate`)."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A variant whose every call needs something fresh, made off the clock.
+
+    For operations that change what they are given, such as wrapping a model with a library
+    that replaces the model's modules: `setup` loads a fresh model before each call, and
+    only `run` on it is timed.
+    """
+
+    setup: Callable[[], Any]
+    run: Callable[[Any], object]
+
+    def __call__(self) -> object:
+        """One untimed call (warm-up, checks)."""
+        return self.run(self.setup())
+
 
 CLOCKS: dict[str, Callable[[], float]] = {
     "wall": time.perf_counter,
@@ -59,9 +81,19 @@ class Stats:
 
 
 def sample(fn: Variant, inner: int = 1, clock: str = "wall") -> float:
-    """Seconds per call of `fn` on `clock`, averaged over `inner` back-to-back calls."""
+    """Seconds per call of `fn` on `clock`, averaged over `inner` back-to-back calls
+    (for a `Prepared` variant, the clock runs over its `run` calls only)."""
     now = CLOCKS[clock]
     gc.collect()  # cheap once `interleave` froze the objects that predate the timing
+    if isinstance(fn, Prepared):
+        total = 0.0
+        for _ in range(inner):
+            given = fn.setup()
+            start = now()
+            fn.run(given)
+            total += now() - start
+            del given
+        return total / inner
     start = now()
     for _ in range(inner):
         fn()

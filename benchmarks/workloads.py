@@ -1,18 +1,10 @@
-"""What is timed: each operation as a user runs it on the HF model and on the bridge.
+"""What is timed on the bridge: each operation as a user runs it through hook names.
 
-Baselines are what a skeptical user would write without the bridge:
-
-- ``hf_forward``: ``model(**inputs)``.
-- ``hf_outputs``: ``model(**inputs, output_hidden_states=True, output_attentions=True)`` on an
-  eager-attention copy (with sdpa, transformers returns no attentions). The bridge's
-  ``run_with_cache`` of everything caches far more (every hook point); ``bridge_cache_hf_set``
-  caches just what HF returns, for a like-for-like comparison.
-- ``hf_torch_save`` / ``hf_torch_ablate``: a plain ``register_forward_hook`` /
-  ``register_forward_pre_hook`` attached for the call and removed after it, saving one
-  block's output / zeroing one head before the attention output projection.
-
-The bridge variants do the same through hook names. `check` verifies the claims the
-timings rest on (bitwise-equal logits, the same cached and ablated values) before timing.
+The HF baselines they are compared with are in `benchmarks.baselines`. The bridge's
+``run_with_cache`` of everything caches far more than HF's ``hf_outputs`` (every hook point);
+``bridge_cache_hf_set`` caches just what HF returns, for a like-for-like comparison.
+`check` verifies the claims the timings rest on (bitwise-equal logits, the same cached and
+ablated values) before timing.
 """
 
 from __future__ import annotations
@@ -22,14 +14,12 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-from torch import nn
 
+from benchmarks.baselines import Runs, from_pretrained_run, logits_of, unique_nbytes
 from benchmarks.models import Case
 from benchmarks.timing import Variant
 from bridge_core import ActivationCache, HookPoint, TransformerBridge
 from bridge_core.errors import AdapterNotFoundError, BridgeError
-
-Runs = dict[str, Variant]
 
 
 @dataclass(frozen=True)
@@ -57,16 +47,6 @@ def wrap(case: Case) -> tuple[TransformerBridge | None, str]:
     return bridge, ""
 
 
-def logits_of(output: Any) -> torch.Tensor:
-    """Logits of an HF output or of a bridge result (logits, or (logits, cache))."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple):
-        return logits_of(output[0])
-    logits: torch.Tensor = output.logits
-    return logits
-
-
 def zero_head(head: int) -> Callable[[torch.Tensor, HookPoint], torch.Tensor]:
     """TransformerLens's head ablation: ``z[:, :, head] = 0`` on ``hook_z``."""
 
@@ -75,45 +55,6 @@ def zero_head(head: int) -> Callable[[torch.Tensor, HookPoint], torch.Tensor]:
         return z
 
     return ablate
-
-
-def hf_runs(case: Case, eager: Any) -> Runs:
-    """The HF baselines (`eager`: the same weights with eager attention)."""
-    model, inputs = case.model, case.inputs
-    block = case.hf_module(case.block_path)
-    o_proj = case.hf_module(case.o_proj_path)
-    head, d_head = case.head, case.d_head
-
-    def save(module: nn.Module, args: Any, output: Any) -> None:
-        saved.append(output[0] if isinstance(output, tuple) else output)
-
-    def ablate(module: nn.Module, args: tuple[Any, ...]) -> None:
-        x: torch.Tensor = args[0]
-        x.view(*x.shape[:-1], -1, d_head)[:, :, head] = 0.0
-
-    saved: list[torch.Tensor] = []
-
-    def torch_save() -> Any:
-        saved.clear()
-        handle = block.register_forward_hook(save)
-        try:
-            return model(**inputs), saved[0]
-        finally:
-            handle.remove()
-
-    def torch_ablate() -> Any:
-        handle = o_proj.register_forward_pre_hook(ablate)
-        try:
-            return model(**inputs)
-        finally:
-            handle.remove()
-
-    return {
-        "hf_forward": lambda: model(**inputs),
-        "hf_outputs": lambda: eager(**inputs, output_hidden_states=True, output_attentions=True),
-        "hf_torch_save": torch_save,
-        "hf_torch_ablate": torch_ablate,
-    }
 
 
 def hf_output_names(bridge: TransformerBridge) -> list[str]:
@@ -169,8 +110,8 @@ def _result_bridge(case: Case) -> TransformerBridge:
 
 def load_runs(case: Case, with_bridge: bool = True) -> Runs:
     """Loading from the saved directory: HF's `from_pretrained` of the same class vs `boot`."""
-    directory, model_class = case.directory, case.model_class
-    runs: Runs = {"hf_from_pretrained": lambda: model_class.from_pretrained(directory)}
+    directory = case.directory
+    runs: Runs = {"hf_from_pretrained": from_pretrained_run(case)}
     if with_bridge:
         runs["bridge_boot"] = lambda: TransformerBridge.boot(directory)
     return runs
@@ -219,10 +160,5 @@ def cache_stats(case: Case, bridge: TransformerBridge, eager: Any) -> dict[str, 
         "bytes_if_aliases_stored_separately": per_entry + alias_copies,
         "unique_bytes": cache.unique_nbytes(),
         "hf_outputs_tensors": len(hf_tensors),
-        "hf_outputs_unique_bytes": _unique_nbytes(hf_tensors),
+        "hf_outputs_unique_bytes": unique_nbytes(hf_tensors),
     }
-
-
-def _unique_nbytes(tensors: list[torch.Tensor]) -> int:
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
