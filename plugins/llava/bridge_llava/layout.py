@@ -17,7 +17,7 @@ that many crops is interpolated down; rows with several images are not tiled). `
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,9 +110,31 @@ def original_sizes(images: Any) -> list[Size]:
     return [(int(h), int(w)) for h, w in (get_image_size(to_numpy_array(im)) for im in flat)]
 
 
-def build_layout(tower: Tower, request: LayoutRequest) -> ImageLayout | None:
+@dataclass(frozen=True)
+class LayoutInputs:
+    """What a layout is made from: the run's ids and pixels, the images' original sizes."""
+
+    ids: torch.Tensor  # [batch, pos], on the CPU
+    pixels: torch.Tensor  # pixel_values as the model got them
+    sizes: list[Size] | None  # original (height, width) of each image, if known
+    image_processor: Any  # the processor's image processor, or None
+    request: LayoutRequest
+
+
+SpecBuilder = Callable[[LayoutInputs], list["ImageSpec"]]
+"""Makes the `ImageSpec`s of a run's images, in the order the model consumes them."""
+
+
+def build_layout(
+    tower: Tower, request: LayoutRequest, specs: SpecBuilder | None = None
+) -> ImageLayout | None:
     """The layout of the request's inputs, or None without ``input_ids`` (nowhere to place
-    images)."""
+    images).
+
+    Args:
+        specs: makes the images' specs (default: LLaVA's plain or any-resolution images, as
+            `tower` says); each image then takes the next of its row's image tokens.
+    """
     inputs, sizes = request.inputs, request.image_sizes
     if sizes is None and request.images is not None:
         sizes = original_sizes(request.images)
@@ -126,14 +148,21 @@ def build_layout(tower: Tower, request: LayoutRequest) -> ImageLayout | None:
     if not isinstance(pixels, torch.Tensor):
         return ImageLayout([[] for _ in range(ids.shape[0])], pad.cpu(), tower.route)
     image_processor = getattr(request.processor, "image_processor", None)
-    if tower.anyres:
-        sizes = _anyres_sizes(sizes)
-        tiled = _tiled(inputs.get("batch_num_images"), len(sizes))
-        specs = _anyres_specs(tower, sizes, image_processor, request.hf_config, tiled)
-    else:
-        specs = plain_specs(tower, pixels.shape[0], sizes, image_processor)
-    rows = place(specs, ids.cpu(), tower.image_token_id)
+    seen = LayoutInputs(
+        ids.cpu(), pixels, None if sizes is None else list(sizes), image_processor, request
+    )
+    made = (specs or (lambda s: _llava_specs(tower, s)))(seen)
+    rows = place(made, seen.ids, tower.image_token_id)
     return ImageLayout(rows, pad.cpu(), tower.route)
+
+
+def _llava_specs(tower: Tower, seen: LayoutInputs) -> list[ImageSpec]:
+    if tower.anyres:
+        sizes = _anyres_sizes(seen.sizes)
+        tiled = _tiled(seen.request.inputs.get("batch_num_images"), len(sizes))
+        hf_config = seen.request.hf_config
+        return _anyres_specs(tower, sizes, seen.image_processor, hf_config, tiled)
+    return plain_specs(tower, seen.pixels.shape[0], seen.sizes, seen.image_processor)
 
 
 def _tiled(batch_num_images: Any, n_images: int) -> list[bool]:
@@ -200,7 +229,7 @@ def plain_specs(
     specs = []
     for k in range(n_images):
         size = sizes[k] if sizes is not None else None
-        frame = _frame(size, image_processor) if size is not None else None
+        frame = processed_frame(size, image_processor) if size is not None else None
         boxes = None if frame is None or size is None else frame.boxes(rows, cols, tower.cell, size)
         token = tower.class_tokens + rows * g + cols
         vision = torch.stack([torch.full_like(rows, k), token], dim=-1)
@@ -272,7 +301,7 @@ def _lone_spec(
 ) -> ImageSpec:
     """The base view alone, with the one newline token HF appends to it. An image that is not
     tiled (a row with several images, LLaVA-OneVision) was padded to a square first."""
-    frame = _base_frame(size, image_processor) if tiled else _frame(size, image_processor)
+    frame = _base_frame(size, image_processor) if tiled else processed_frame(size, image_processor)
     base = _base_tile(tower, first_crop, frame, size)
     g = tower.side
     lone = TileSpec(base.cells, base.vision, base.boxes, torch.tensor([g * g]), (1, 1))
@@ -443,8 +472,9 @@ def _crop_start(length: int, crop: int) -> int:
     return (length - crop) // 2 if length >= crop else -math.ceil((crop - length) / 2)
 
 
-def _frame(size: Size, image_processor: Any) -> Affine | None:
-    """LLaVA: original pixels -> the pixel_values frame."""
+def processed_frame(size: Size, image_processor: Any) -> Affine | None:
+    """Original pixels -> the pixel_values frame: the processor's pad to square (where it
+    has one), resize and centre crop; None for an image processor whose rule we lack."""
     if image_processor is None:
         return None
     frame = Affine()
