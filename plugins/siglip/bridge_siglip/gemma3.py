@@ -1,10 +1,12 @@
 """Gemma-3's image layout: pooled tokens, and pan-and-scan crops as further tiles.
 
-Each view of an image (the image itself, then its pan-and-scan crops, if the image processor
-makes them) is resized to the tower's size and becomes ``mm_tokens_per_image`` tokens, each
-the average of ``merge x merge`` patches. In the sequence every view is its own run of image
-tokens (``<start_of_image>`` ... ``<end_of_image>``); the layout keeps them as the tiles of one
-image: tile 0 the whole image, tile k crop k.
+Each view of an image (the image itself, then its pan-and-scan crops, if the processor was
+called with ``do_pan_and_scan=True``) is resized to the tower's size and becomes
+``mm_tokens_per_image`` tokens, each the average of ``merge x merge`` patches. In the sequence
+every view is its own run of image tokens (``<start_of_image>`` ... ``<end_of_image>``); the
+layout keeps them as the tiles of one image: tile 0 the whole image, tile k crop k. Which crops
+an image has follows from its size and the processor's pan-and-scan settings, so the layout
+needs the original sizes (``images=`` or ``image_sizes=``) to tell crops from images.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import torch
 
+from bridge_core.errors import InputError
 from bridge_core.multimodal import ImageLayout, LayoutRequest
 from bridge_llava import layout
 from bridge_llava.layout import Affine, ImageSpec, LayoutInputs, Size, TileSpec
@@ -27,15 +30,43 @@ def build_layout(tower: layout.Tower, request: LayoutRequest) -> ImageLayout | N
 
 
 def _specs(tower: layout.Tower, seen: LayoutInputs) -> list[ImageSpec]:
-    processor = seen.image_processor
-    if seen.sizes is None or not getattr(processor, "do_pan_and_scan", False):
-        return layout.plain_specs(tower, seen.pixels.shape[0], seen.sizes, processor)
+    views, sizes = seen.pixels.shape[0], seen.sizes
+    if sizes is None or len(sizes) == views:  # no crops (or no sizes to tell them by)
+        return layout.plain_specs(tower, views, sizes, seen.image_processor)
+    settings = pan_and_scan_settings(seen.request.processor)
+    crops = [pan_and_scan_crops(size, settings) for size in sizes]
+    if sum(1 + len(c) for c in crops) != views:
+        raise InputError(
+            f"{len(sizes)} images went through the tower as {views} views, but pan and scan "
+            f"with the processor's settings {settings} makes "
+            f"{sum(1 + len(c) for c in crops)}: the layout cannot tell which crops an image "
+            "has (crops made with other settings than the processor's defaults)"
+        )
     specs, first = [], 0
-    for size in seen.sizes:
-        views = [(0, 0, *size), *pan_and_scan_crops(size, processor)]
-        specs.append(_image(tower, size, views, first, processor))
-        first += len(views)
+    for size, boxes in zip(sizes, crops, strict=True):
+        views_of = [(0, 0, *size), *boxes]
+        specs.append(_image(tower, size, views_of, first, seen.image_processor))
+        first += len(views_of)
     return specs
+
+
+def pan_and_scan_settings(processor: Any) -> dict[str, float]:
+    """The pan-and-scan settings a call of `processor` uses without keywords: its own
+    ``images_kwargs`` defaults, else its image processor's (as transformers merges them)."""
+    names = (
+        "pan_and_scan_min_crop_size",
+        "pan_and_scan_max_num_crops",
+        "pan_and_scan_min_ratio_to_activate",
+    )
+    defaults = getattr(processor, "images_kwargs", None) or {}
+    image_processor = getattr(processor, "image_processor", None)
+    found = {}
+    for name in names:
+        value = defaults.get(name, getattr(image_processor, name, None))
+        if value is None:
+            raise InputError(f"the processor does not say its pan-and-scan setting {name}")
+        found[name] = float(value)
+    return found
 
 
 def _image(
@@ -67,7 +98,7 @@ def _target(processor: Any, image_size: int) -> Size:
     return (int(height or image_size), int(width or image_size))
 
 
-def pan_and_scan_crops(size: Size, processor: Any) -> list[Box]:
+def pan_and_scan_crops(size: Size, settings: dict[str, float]) -> list[Box]:
     """The crops Gemma-3's image processor cuts from an image of `size` (height, width).
 
     The rule of ``Gemma3ImageProcessor.pan_and_scan``: an image at least
@@ -79,11 +110,9 @@ def pan_and_scan_crops(size: Size, processor: Any) -> list[Box]:
         (top, left, height, width) of each crop, in the processor's order; empty for none.
     """
     height, width = size
-    min_ratio = float(processor.pan_and_scan_min_ratio_to_activate)
-    min_crop, max_crops = (
-        int(processor.pan_and_scan_min_crop_size),
-        int(processor.pan_and_scan_max_num_crops),
-    )
+    min_ratio = settings["pan_and_scan_min_ratio_to_activate"]
+    min_crop = int(settings["pan_and_scan_min_crop_size"])
+    max_crops = int(settings["pan_and_scan_max_num_crops"])
     if width >= height:
         if width / height < min_ratio:
             return []

@@ -212,22 +212,21 @@ def _gemma3_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_gemma3(
-    *, layers: int = 2, tokens_per_image: int = 4, seed: int = 0, pan_and_scan: bool = False
+    *, layers: int = 2, tokens_per_image: int = 4, seed: int = 0
 ) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
     """Build a tiny random Gemma-3 (SigLIP + Gemma-3 text, image and text in) and its processor.
 
     The projector average-pools the 4 x 4 patch grid to `tokens_per_image` tokens, normalizes
     them and projects them. In text, `<start_of_image>` marks an image; the processor expands
     it to ``\\n\\n<start_of_image>`` + the image's soft tokens + ``<end_of_image>\\n\\n``.
+    ``processor(..., do_pan_and_scan=True)`` adds crops of wide or tall images as further
+    views (with the processor's defaults: crops of at least 256 pixels).
 
     Args:
         layers: layers of the tower and of the language model (layer 0 of the language
             model has a 4-token sliding window).
         tokens_per_image: a square number dividing 16 (4: 2 x 2 pooling; 16: none).
         seed: weight-initialisation seed.
-        pan_and_scan: the image processor also crops wide or tall images (pan and scan),
-            each crop a view of its own; crops of at least 16 pixels, for images of ratio
-            1.5 and above.
 
     Returns:
         (model, processor), the model float32 in eval mode.
@@ -252,10 +251,6 @@ def tiny_gemma3(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
-        do_pan_and_scan=pan_and_scan,
-        pan_and_scan_min_crop_size=16,
-        pan_and_scan_max_num_crops=4,
-        pan_and_scan_min_ratio_to_activate=1.5,
     )
     processor = Gemma3Processor(
         image_processor=image_processor,

@@ -1,0 +1,141 @@
+"""Each SigLIP family bridged is the HF model: same logits, HF's tensors in the vision hooks,
+and edits of the selected features or of the image positions reach the logits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bridge_core import TransformerBridge, get_registry
+
+
+def hf_forward(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[Any]]:
+    """HF's logits, and what its projector received (caught with a plain torch hook)."""
+    seen: list[Any] = []
+    projector = projector_of(model)
+    handle = projector.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+    finally:
+        handle.remove()
+    return logits, seen
+
+
+def projector_of(model: Any) -> Any:
+    inner = model.model
+    return getattr(inner, "multi_modal_projector", None) or inner.connector
+
+
+def tower_of(model: Any) -> Any:
+    inner = model.model
+    return getattr(inner, "vision_tower", None) or inner.vision_model
+
+
+def test_the_registry_picks_the_plugin(bridge: TransformerBridge, name: str) -> None:
+    assert bridge.adapter.name == name
+    assert get_registry().adapter_source(name).distribution == "transformer-bridge-siglip"
+    assert type(bridge.vision_encoder).__name__ == "SiglipVisionEncoderBridge"
+
+
+def test_logits_equal_hfs_without_hooks_and_under_a_full_cache(
+    bridge: TransformerBridge, model_and_processor: tuple[Any, Any], inputs: dict[str, Any]
+) -> None:
+    model, _ = model_and_processor
+    expected, _ = hf_forward(model, inputs)
+    with torch.no_grad():
+        assert torch.equal(bridge(**inputs), expected)
+        logits, cache = bridge.run_with_cache(**inputs)
+    assert torch.equal(logits, expected)
+    assert len(cache) == len([p for p in bridge.hook_dict.values() if p.enabled])
+
+
+def test_the_processor_convenience_is_hfs(
+    bridge: TransformerBridge, model_and_processor: tuple[Any, Any], case: Any
+) -> None:
+    model, processor = model_and_processor
+    made = dict(processor(text=case.texts, images=case.images, return_tensors="pt", padding=True))
+    expected, _ = hf_forward(model, made)
+    with torch.no_grad():
+        assert torch.equal(bridge(case.texts, images=case.images), expected)
+
+
+def test_vision_hooks_hold_hfs_tensors(
+    bridge: TransformerBridge, model_and_processor: tuple[Any, Any], inputs: dict[str, Any]
+) -> None:
+    model, _ = model_and_processor
+    _, fed = hf_forward(model, inputs)
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(**inputs)
+        pixels = cache["vision_encoder.hook_in"]  # the views the tower ran on
+        hf = tower_of(model)(pixels, output_hidden_states=True)
+    hidden = hf.hidden_states
+    for i in range(len(hidden) - 1):
+        assert torch.equal(cache[f"vision_encoder.layers.{i}.hook_resid_pre"], hidden[i])
+        assert torch.equal(cache[f"vision_encoder.layers.{i}.hook_resid_post"], hidden[i + 1])
+    assert torch.equal(cache["hook_vision_out"], hf.last_hidden_state)
+    assert torch.equal(cache["vision_encoder.post_layernorm.hook_out"], hf.last_hidden_state)
+    assert torch.equal(cache["vision_projector.hook_in"], fed[0])
+    selected = bridge.vision_encoder.selected_hook_names
+    assert len(selected) == 1 and torch.equal(cache[selected[0]], fed[0])
+
+
+def test_selected_features_per_family(bridge: TransformerBridge, name: str) -> None:
+    expected = {
+        "llava_onevision": ["vision_encoder.layers.1.hook_resid_post"],  # layer -1, pre-norm
+    }.get(name, ["vision_encoder.hook_out"])
+    assert bridge.vision_encoder.selected_hook_names == expected
+    unreachable = bridge.vision_encoder.unreachable_hooks()
+    if name == "llava_onevision":
+        assert "vision_encoder.post_layernorm.hook_out" in unreachable
+        assert "vision_encoder.hook_out" in unreachable
+    else:
+        assert unreachable == []
+
+
+def test_edits_at_the_selected_layer_and_image_positions_change_the_logits(
+    bridge: TransformerBridge, inputs: dict[str, Any]
+) -> None:
+    with torch.no_grad():
+        clean, cache = bridge.run_with_cache(**inputs, names_filter="blocks.0.hook_resid_pre")
+    image = cache.image_layout.image(1, batch=1)  # the second image of the second row
+    text = cache.image_layout.text_mask[1]
+
+    def zero_image(resid: torch.Tensor, hook: Any) -> torch.Tensor:
+        resid = resid.clone()
+        resid[1, image.positions] = 0.0
+        return resid
+
+    def scale(x: torch.Tensor, hook: Any) -> torch.Tensor:
+        return x * 3.0
+
+    selected = bridge.vision_encoder.selected_hook_names[0]
+    with torch.no_grad():
+        at_images = bridge.run_with_hooks(
+            **inputs, fwd_hooks=[("blocks.0.hook_resid_pre", zero_image)]
+        )
+        at_vision = bridge.run_with_hooks(**inputs, fwd_hooks=[(selected, scale)])
+    last = int(text.nonzero().max())  # the last text token of the row reads the image
+    assert not torch.equal(at_images[1, last], clean[1, last])
+    assert torch.equal(at_images[0], clean[0])  # the other row is untouched
+    assert not torch.equal(at_vision, clean)
+
+
+def test_gemma3_pooled_and_idefics3_shuffled_features(
+    bridge: TransformerBridge, name: str, inputs: dict[str, Any]
+) -> None:
+    if name not in ("gemma3", "idefics3"):
+        return
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(**inputs)
+    out = cache["vision_encoder.hook_out"]  # [views, 16 patches, 32]
+    views = out.shape[0]
+    grid = out.view(views, 4, 4, 32)
+    if name == "gemma3":
+        pooled = grid.view(views, 2, 2, 2, 2, 32).mean((2, 4)).reshape(views, 4, 32)
+        assert torch.allclose(cache["vision_projector.hook_pooled"], pooled, atol=1e-6)
+        assert cache["vision_projector.pool.hook_out"].shape == (views, 32, 2, 2)
+    else:  # token (r, c) = patches (2r + i, 2c + j), concatenated row by row
+        blocks = grid.view(views, 2, 2, 2, 2, 32).permute(0, 1, 3, 2, 4, 5)
+        assert torch.equal(cache["vision_projector.hook_shuffled"], blocks.reshape(views, 4, 128))
