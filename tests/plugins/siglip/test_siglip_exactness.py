@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from bridge_core import TransformerBridge, get_registry
@@ -139,3 +140,24 @@ def test_gemma3_pooled_and_idefics3_shuffled_features(
     else:  # token (r, c) = patches (2r + i, 2c + j), concatenated row by row
         blocks = grid.view(views, 2, 2, 2, 2, 32).permute(0, 1, 3, 2, 4, 5)
         assert torch.equal(cache["vision_projector.hook_shuffled"], blocks.reshape(views, 4, 128))
+
+
+def test_generate_equals_hfs(
+    bridge: TransformerBridge, model_and_processor: tuple[Any, Any], case: Any
+) -> None:
+    model, processor = model_and_processor
+    inputs = dict(processor(text=case.texts[:1], images=case.images[:1], return_tensors="pt"))
+    inputs.pop("labels", None)
+    expected = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(bridge.generate(**inputs, max_new_tokens=3), expected)
+
+
+def test_bad_inputs_are_named(bridge: TransformerBridge, inputs: dict[str, Any]) -> None:
+    from bridge_core import InputError
+
+    no_pixels = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    with pytest.raises(InputError, match="image tokens"):
+        bridge(**no_pixels)
+    small = {**inputs, "pixel_values": inputs["pixel_values"][..., :16, :16]}
+    with pytest.raises(InputError, match="32x32"):
+        bridge(**small)
