@@ -46,11 +46,16 @@ class Family:
         )
 
     def layout(self, tower: VisionTowerBridge, request: LayoutRequest) -> ImageLayout | None:
-        """One tile per image, a token per patch, the processor's resize inverted."""
+        """One tile per image, a token per patch (or pooled patches), the resize inverted."""
+        spec = self.tower_spec(tower, request)
+        return None if spec is None else layout.build_layout(spec, request)
+
+    def tower_spec(self, tower: VisionTowerBridge, request: LayoutRequest) -> layout.Tower | None:
+        """What the layout needs to know of the tower (None: the model names no image token)."""
         token = tower.image_token_id
         if token is None:
             return None
-        spec = layout.Tower(
+        return layout.Tower(
             tower.image_size,
             tower.patch_size,
             token,
@@ -60,7 +65,6 @@ class Family:
             class_tokens=0,
             merge=self.merge(request.hf_config, tower),
         )
-        return layout.build_layout(spec, request)
 
     def merge(self, hf_config: Any, tower: VisionTowerBridge) -> int:
         """Patches per side that one language-model token pools."""
@@ -144,21 +148,8 @@ class Gemma3(Family):
     def layout(self, tower: VisionTowerBridge, request: LayoutRequest) -> ImageLayout | None:
         from bridge_siglip import gemma3
 
-        token = tower.image_token_id
-        if token is None:
-            return None
-        merge = self.merge(request.hf_config, tower)
-        spec = layout.Tower(
-            tower.image_size,
-            tower.patch_size,
-            token,
-            "full",
-            False,
-            self.route(tower),
-            class_tokens=0,
-            merge=merge,
-        )
-        return gemma3.build_layout(spec, request)
+        spec = self.tower_spec(tower, request)
+        return None if spec is None else gemma3.build_layout(spec, request)
 
 
 @dataclass(frozen=True)
