@@ -27,6 +27,7 @@ import torch
 from bridge_core.errors import InputError
 from bridge_core.multimodal import ImageLayout, LayoutRequest, VisionRoute
 from bridge_llava import layout, vision
+from bridge_llava.layout import Tower as TowerSpec
 from bridge_llava.tower import VisionTowerBridge
 
 
@@ -50,7 +51,7 @@ class Family:
         spec = self.tower_spec(tower, request)
         return None if spec is None else layout.build_layout(spec, request)
 
-    def tower_spec(self, tower: VisionTowerBridge, request: LayoutRequest) -> layout.Tower | None:
+    def tower_spec(self, tower: VisionTowerBridge, request: LayoutRequest) -> TowerSpec | None:
         """What the layout needs to know of the tower (None: the model names no image token)."""
         token = tower.image_token_id
         if token is None:
