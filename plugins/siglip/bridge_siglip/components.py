@@ -73,11 +73,6 @@ class SiglipVisionEncoderBridge(VisionTowerBridge):
         """How this model feeds the tower's features to its language model."""
         return family_named(self.options.get("layout"))
 
-    @property
-    def projector(self) -> str:
-        """The name of the component that projects the features."""
-        return str(self.options.get("projector", "vision_projector"))
-
     def image_layout(self, request: LayoutRequest) -> ImageLayout | None:
         """Each image's tokens, grid(s) and pixel boxes, as the family lays them out.
 

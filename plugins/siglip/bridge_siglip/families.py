@@ -72,9 +72,8 @@ class Family:
         return 1
 
     def tokens_per_image(self, tower: VisionTowerBridge) -> int | None:
-        """Image tokens per image (or view), where it is fixed."""
-        side = tower.image_size // tower.patch_size // self.merge(tower.config, tower)
-        return side * side
+        """Image tokens per image (or view), where it is fixed: one per patch."""
+        return tower.num_patches
 
     def placeholder(self, processor: Any) -> str:
         """The text that marks an image in a prompt."""
