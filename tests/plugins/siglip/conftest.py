@@ -86,7 +86,7 @@ def bridge(model_and_processor: tuple[Any, Any]) -> Iterator[TransformerBridge]:
     model, processor = model_and_processor
     bridge = TransformerBridge.wrap(model, processor=processor)
     yield bridge
-    assert not any(p.has_hooks for p in bridge.hook_dict.values()), "a hook was left behind"
+    assert not any(p.has_hooks() for p in bridge.hook_dict.values()), "a hook was left behind"
 
 
 @pytest.fixture

@@ -40,12 +40,17 @@ SCRIPT = textwrap.dedent(
         images = [[tiny_image(64)]]
         inputs = dict(processor(text=[text], images=images, return_tensors="pt"))
         inputs.pop("labels", None)
+        seen = {}  # the keywords the bridge calls the HF model with (position ids added)
+        handle = bridge.original_model.register_forward_pre_hook(
+            lambda m, a, kw: seen.update(kw), with_kwargs=True
+        )
         with torch.no_grad():
-            expected = model(**inputs).logits
             logits, cache = bridge.run_with_cache(**inputs)
+            expected = model(**seen).logits
             assert torch.equal(logits, expected), adapter
             if bridge.processor is not None:  # the processor convenience, as loaded
                 assert torch.equal(bridge([text], images=images), expected), adapter
+        handle.remove()
         assert cache.image_layout is not None and cache.image_layout.images, adapter
         print("booted", adapter, type(bridge.processor).__name__)
     """

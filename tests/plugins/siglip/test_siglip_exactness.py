@@ -1,5 +1,11 @@
 """Each SigLIP family bridged is the HF model: same logits, HF's tensors in the vision hooks,
-and edits of the selected features or of the image positions reach the logits."""
+and edits of the selected features or of the image positions reach the logits.
+
+The bridge gives the model position ids counted over the attention mask, as HF's `generate`
+does (`bridge_core.forward_options`); the reference is the HF model called with the very
+keywords the bridge called it with, caught by a plain torch pre-hook. (PaliGemma counts its
+default positions from 1, the bridge from 0: rotary embeddings are relative, so the logits
+then differ from a plain HF call by float rounding only.)"""
 
 from __future__ import annotations
 
@@ -19,6 +25,22 @@ def hf_forward(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     try:
         with torch.no_grad():
             logits = model(**inputs).logits
+    finally:
+        handle.remove()
+    return logits, seen
+
+
+def bridge_call(
+    bridge: TransformerBridge, model: Any, *args: Any, **inputs: Any
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The bridge's logits, and the keywords it called the HF model with."""
+    seen: dict[str, Any] = {}
+    handle = model.register_forward_pre_hook(
+        lambda m, a, kw: seen.update(kw), with_kwargs=True, prepend=True
+    )
+    try:
+        with torch.no_grad():
+            logits = bridge(*args, **inputs)
     finally:
         handle.remove()
     return logits, seen
@@ -44,11 +66,13 @@ def test_logits_equal_hfs_without_hooks_and_under_a_full_cache(
     bridge: TransformerBridge, model_and_processor: tuple[Any, Any], inputs: dict[str, Any]
 ) -> None:
     model, _ = model_and_processor
-    expected, _ = hf_forward(model, inputs)
-    with torch.no_grad():
-        assert torch.equal(bridge(**inputs), expected)
-        logits, cache = bridge.run_with_cache(**inputs)
+    logits, called = bridge_call(bridge, model, **inputs)
+    assert {k: v for k, v in called.items() if k != "position_ids"}.keys() == inputs.keys()
+    expected, _ = hf_forward(model, called)
     assert torch.equal(logits, expected)
+    with torch.no_grad():
+        cached, cache = bridge.run_with_cache(**inputs)
+    assert torch.equal(cached, expected)
     assert len(cache) == len([p for p in bridge.hook_dict.values() if p.enabled])
 
 
@@ -57,9 +81,11 @@ def test_the_processor_convenience_is_hfs(
 ) -> None:
     model, processor = model_and_processor
     made = dict(processor(text=case.texts, images=case.images, return_tensors="pt", padding=True))
-    expected, _ = hf_forward(model, made)
-    with torch.no_grad():
-        assert torch.equal(bridge(case.texts, images=case.images), expected)
+    logits, called = bridge_call(bridge, model, case.texts, images=case.images)
+    for key, value in made.items():
+        assert torch.equal(called[key], value), key
+    expected, _ = hf_forward(model, called)
+    assert torch.equal(logits, expected)
 
 
 def test_vision_hooks_hold_hfs_tensors(
