@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 COMPARE_VENV ?= .venv-compare
 COMPARE_STAMP := $(COMPARE_VENV)/.installed-stamp
-PACKAGES := bridge_core adapters/bridge_adapters plugins/llava/bridge_llava
+PACKAGES := bridge_core adapters/bridge_adapters plugins/llava/bridge_llava plugins/siglip/bridge_siglip
 # Where `make lock` finds the CPU build of PyTorch: the wheel on this machine's disk, else
 # PyTorch's CPU index (both serve torch==X+cpu, which has no CUDA dependencies).
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,\
@@ -22,10 +22,10 @@ TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,\
 
 setup: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml plugins/llava/pyproject.toml
+$(STAMP): requirements.lock pyproject.toml plugins/llava/pyproject.toml plugins/siglip/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . -e plugins/llava
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . -e plugins/llava -e plugins/siglip
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
@@ -65,7 +65,8 @@ $(COMPARE_STAMP): requirements-compare.lock | setup
 lock: setup
 	$(BIN)/uv pip compile requirements.in --output-file requirements.lock --python-version 3.11 \
 		--custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) $(TORCH_SOURCE) \
-		--no-emit-package transformer-bridge --no-emit-package transformer-bridge-llava
+		--no-emit-package transformer-bridge --no-emit-package transformer-bridge-llava \
+		--no-emit-package transformer-bridge-siglip
 	$(BIN)/uv pip compile requirements-compare.in --output-file requirements-compare.lock \
 		--python-version 3.11 --custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) \
 		$(TORCH_SOURCE)

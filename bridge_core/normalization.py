@@ -69,7 +69,10 @@ class NormMath:
             out = out * (weight + self.weight_offset if self.weight_offset else weight)
         if isinstance(bias, torch.Tensor):
             out = out + bias
-        return out.to(like.dtype)
+        out = out.to(like.dtype)
+        if out.stride() != like.stride():  # arithmetic keeps the input's strides; the module's
+            out = torch.empty_like(like).copy_(out)  # output may differ (HF may .view() it)
+        return out
 
 
 def norm_math(module: nn.Module, options: dict[str, Any], config: Any) -> NormMath:

@@ -24,7 +24,7 @@ DOCS = ROOT / "docs"
 PAGES = sorted(p.name for p in DOCS.glob("*.md"))
 
 # Pages whose examples need a separately installed distribution: skipped without it.
-REQUIRES = {"llava.md": "bridge_llava", "scale.md": "bridge_llava"}
+REQUIRES = {"llava.md": "bridge_llava", "scale.md": "bridge_llava", "vlm.md": "bridge_siglip"}
 
 
 def _examples() -> ModuleType:

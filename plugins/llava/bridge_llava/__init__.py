@@ -9,6 +9,7 @@ from bridge_llava.components import (
     CLIPVisionEncoderLayerBridge,
     VisionProjectorBridge,
 )
+from bridge_llava.tower import VisionEncoderLayerBridge, VisionTowerBridge
 from bridge_llava.vision import ImageTokens
 
 __version__ = "0.1.0"
@@ -17,5 +18,7 @@ __all__ = [
     "CLIPVisionEncoderBridge",
     "CLIPVisionEncoderLayerBridge",
     "ImageTokens",
+    "VisionEncoderLayerBridge",
     "VisionProjectorBridge",
+    "VisionTowerBridge",
 ]
