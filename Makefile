@@ -8,7 +8,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-PACKAGES := bridge_core adapters/bridge_adapters plugins/llava/bridge_llava
+PACKAGES := bridge_core adapters/bridge_adapters plugins/llava/bridge_llava \
+	plugins/qwen2vl/bridge_qwen2vl
 # Where `make lock` finds the CPU build of PyTorch: the wheel on this machine's disk, else
 # PyTorch's CPU index (both serve torch==X+cpu, which has no CUDA dependencies).
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,\
@@ -18,10 +19,11 @@ TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,\
 
 setup: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml plugins/llava/pyproject.toml
+$(STAMP): requirements.lock pyproject.toml plugins/llava/pyproject.toml plugins/qwen2vl/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . -e plugins/llava
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . -e plugins/llava \
+		-e plugins/qwen2vl
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
@@ -47,7 +49,8 @@ bench: setup
 lock: setup
 	$(BIN)/uv pip compile requirements.in --output-file requirements.lock --python-version 3.11 \
 		--custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) $(TORCH_SOURCE) \
-		--no-emit-package transformer-bridge --no-emit-package transformer-bridge-llava
+		--no-emit-package transformer-bridge --no-emit-package transformer-bridge-llava \
+		--no-emit-package transformer-bridge-qwen2vl
 
 # The test suite against the oldest and newest torch/transformers that pyproject declares.
 compat: setup
