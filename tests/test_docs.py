@@ -24,7 +24,11 @@ DOCS = ROOT / "docs"
 PAGES = sorted(p.name for p in DOCS.glob("*.md"))
 
 # Pages whose examples need a separately installed distribution: skipped without it.
-REQUIRES = {"llava.md": "bridge_llava", "scale.md": "bridge_llava"}
+REQUIRES = {
+    "llava.md": "bridge_llava",
+    "qwen2vl.md": "bridge_qwen2vl",
+    "scale.md": "bridge_llava",
+}
 
 
 def _examples() -> ModuleType:
