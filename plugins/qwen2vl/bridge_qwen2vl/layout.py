@@ -9,7 +9,8 @@ for each token the four places ``[4, 1]`` of its patches in the tower's sequence
 no batch dimension). In Qwen2.5-VL the tower's sequence is in window order
 (`vision.Grid.block_order`). A block covers ``2 * patch`` pixels of the resized image each
 way; the processor only resized the original (no crop, no padding), so its box in the original
-is that square scaled back.
+is that square scaled back. Videos are not placed, but their tokens count as image tokens in
+the layout's masks.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def build_layout(
     )
     grid_thw = inputs.get("image_grid_thw")
     if inputs.get("pixel_values") is None or not isinstance(grid_thw, torch.Tensor):
-        return ImageLayout([[] for _ in range(ids.shape[0])], pad, route)
+        layout = ImageLayout([[] for _ in range(ids.shape[0])], pad, route)
+        _mark_videos(layout, ids, request)
+        return layout
     grid_thw = grid_thw.cpu()
     sizes = request.image_sizes
     if sizes is None and request.images is not None:
@@ -55,7 +58,20 @@ def build_layout(
     if sizes is not None and len(sizes) != grid_thw.shape[0]:
         raise InputError(f"{len(sizes)} image sizes for {grid_thw.shape[0]} images")
     tiles = _tiles(grid, grid_thw, sizes)
-    return ImageLayout(_place(tiles, ids, image_token_id, sizes), pad, route)
+    layout = ImageLayout(_place(tiles, ids, image_token_id, sizes), pad, route)
+    _mark_videos(layout, ids, request)
+    return layout
+
+
+def _mark_videos(layout: ImageLayout, ids: torch.Tensor, request: LayoutRequest) -> None:
+    """Count video tokens as image tokens in the masks: the model writes features there too
+    (so `decompose_resid` puts them in its image term). The layout places images only."""
+    token = getattr(request.hf_config, "video_token_id", None)
+    if token is None or request.inputs.get("pixel_values_videos") is None:
+        return
+    videos = ids == int(token)
+    layout.image_mask |= videos
+    layout.text_mask &= ~videos
 
 
 def _tiles(grid: Grid, grid_thw: torch.Tensor, sizes: Sequence[Size] | None) -> list[Tile]:

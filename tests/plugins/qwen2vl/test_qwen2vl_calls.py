@@ -76,3 +76,42 @@ def test_one_image_has_one_call(bridge: TransformerBridge, images: list[Any]) ->
     pattern = cache["vision_encoder.layers.1.attn.hook_pattern"]  # full attention
     assert pattern.shape == (4, 64, 64)
     assert len(cache.calls("vision_encoder.layers.1.attn.hook_pattern")) == 1
+
+
+def with_video(model: Any, processor: Any, images: list[Any], image: bool) -> dict[str, Any]:
+    """A prompt with (an image and) a 2-frame video of 4x4 patches, its pixels made up."""
+    inputs = dict(processor(text=f"{IMAGE_PROMPT} and", images=images[:1], return_tensors="pt"))
+    video = torch.full((1, 8), model.config.video_token_id)  # 2 frames x 2x2 blocks
+    ids = torch.cat([inputs["input_ids"], video], dim=1)
+    kinds = (ids == model.config.image_token_id).long() + 2 * (ids == model.config.video_token_id)
+    inputs.update(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=kinds,
+        pixel_values_videos=torch.randn(32, 96, generator=torch.Generator().manual_seed(0)),
+        video_grid_thw=torch.tensor([[2, 4, 4]]),
+    )
+    if not image:
+        keep = ids[0] != model.config.image_token_id
+        inputs = {k: v for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            inputs[key] = inputs[key][:, keep]
+    return inputs
+
+
+@pytest.mark.parametrize("image", [True, False])
+def test_a_video_runs_the_tower_again(
+    bridge: TransformerBridge, model: Any, processor: Any, images: list[Any], image: bool
+) -> None:
+    inputs = with_video(model, processor, images, image)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    logits, cache = bridge.run_with_cache(**inputs)
+    assert torch.equal(logits, expected)
+    patches = 60 * image + 32  # the image's patches, then the video's
+    assert cache["vision_encoder.layers.0.hook_resid_post"].shape == (patches, 32)
+    assert len(cache.calls("vision_encoder.layers.1.attn.hook_pattern")) == image + 2  # frames
+    parts = cache.decompose_resid()  # the video's features are in the image term
+    torch.testing.assert_close(parts.sum(0), cache["resid_post", -1], rtol=0, atol=1e-5)
+    report = bridge.verify(inputs)
+    assert report.ok, report.summary()
