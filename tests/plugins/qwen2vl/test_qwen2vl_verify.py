@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from bridge_adapters.tiny import save_pretrained
 from bridge_core import TransformerBridge
+from bridge_core.cli import main
 from bridge_core.verify import Result
 from bridge_qwen2vl.tiny import IMAGE_PROMPT
 
@@ -69,3 +75,16 @@ def test_a_wrong_call_count_fails_fires(model: Any, processor: Any) -> None:
     point.calls = 1  # as if the kernel ran once per forward
     failed = {(r.check, r.hook) for r in bridge.verify().failures()}
     assert failed == {("fires", "vision_encoder.layers.1.attn.hook_pattern")}
+
+
+def test_the_cli_verifies_a_saved_checkpoint(
+    qwen_models: dict[str, tuple[Any, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, processor = qwen_models["qwen2_5_vl"]
+    directory = save_pretrained(model, processor, tmp_path / "qwen2.5-vl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no torchvision: booted without its processor
+        assert main(["verify", str(directory), "--plain"]) == 0
+    assert "verify qwen2_5_vl (Qwen2_5_VLForConditionalGeneration): 102 hook points" in (
+        capsys.readouterr().out
+    )
