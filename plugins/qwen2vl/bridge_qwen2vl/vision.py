@@ -166,7 +166,10 @@ def example_inputs(
 def check_inputs(
     inputs: Mapping[str, Any], grid: Grid, channels: int, image_token_id: int | None
 ) -> None:
-    """Check pixel values, grids, image tokens and token types before Qwen2-VL runs.
+    """Check pixel values, grids and image tokens before Qwen2-VL runs.
+
+    (A missing ``mm_token_type_ids`` is left to HF, which names it: older transformers did not
+    use it.)
 
     Raises:
         InputError: naming what was expected.
@@ -198,11 +201,6 @@ def check_inputs(
         )
     if ids is None or inputs.get("past_key_values") is not None:
         return
-    if inputs.get("mm_token_type_ids") is None:
-        raise InputError(
-            "Qwen2-VL places image positions (M-RoPE) by mm_token_type_ids, which the processor "
-            "returns next to input_ids; pass it too (or images=[...] with text)"
-        )
     if image_token_id is not None:
         found, expected = int((ids == image_token_id).sum()), patches // grid.unit
         if found != expected:
