@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from bridge_core.attention import PatternTap, Which
 from bridge_core.components import (
     GeneralizedComponent,
     JointQKVAttentionBridge,
@@ -31,7 +32,13 @@ from bridge_core.views import Select, ViewTap
 from bridge_llava.components import CLIPVisionEncoderLayerBridge, Part, PartsComponent
 from bridge_qwen2vl import layout, vision
 
-PER_CALL = ("hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern")
+KERNEL_TAPS: dict[str, Which] = {
+    "hook_rot_q": "rot_q",
+    "hook_rot_k": "rot_k",
+    "hook_attn_scores": "scores",
+    "hook_pattern": "pattern",
+}
+PER_CALL = tuple(KERNEL_TAPS)
 """The attention's hook points that fire once per image (or window): the kernel's."""
 
 TOKENS: Shape = ("patches", "d_model")
@@ -76,10 +83,10 @@ class QwenVisionAttentionBridge(JointQKVAttentionBridge):
     def bind(self, module: nn.Module) -> None:
         """Bind as the fused-qkv kind; the kernel's points drop HF's batch of one."""
         super().bind(module)
-        for attr in PER_CALL:
+        kernel = self.kernel(module)
+        for attr, which in KERNEL_TAPS.items():
             point: HookPoint = getattr(self, attr)
-            if point._tap is not None:
-                point.bind(ViewTap(point._tap, (Select(0, 0),)))
+            point.bind(ViewTap(PatternTap(kernel, which), (Select(0, 0),)))
 
     def dims(self) -> dict[str, int | None]:
         """Widths from the HF module itself (its config's ``hidden_size`` may be another's)."""
