@@ -358,6 +358,8 @@ class PatchMergerBridge(PartsComponent):
         super().set_original_component(module)
         shapes: dict[str, Shape] = {
             "ln_q.hook_in": ("patches", "d_vision"),
+            "ln_q.hook_scale": ("patches", 1),
+            "ln_q.hook_normalized": ("patches", "d_vision"),
             "ln_q.hook_out": ("patches", "d_vision"),
             "mlp.hook_in": ("tokens", "d_merged"),
             "mlp.hook_pre": ("tokens", "d_merged"),
@@ -366,7 +368,7 @@ class PatchMergerBridge(PartsComponent):
         }
         for path, shape in shapes.items():
             owner, _, attr = path.rpartition(".")
-            point = getattr(self.get_submodule(owner), attr)
+            point = getattr(self.get_submodule(owner), attr, None)
             if isinstance(point, HookPoint):
                 point.shape = shape
         for component in self.modules():
