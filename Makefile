@@ -12,7 +12,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 COMPARE_VENV ?= .venv-compare
 COMPARE_STAMP := $(COMPARE_VENV)/.installed-stamp
-PACKAGES := bridge_core adapters/bridge_adapters plugins/llava/bridge_llava plugins/siglip/bridge_siglip
+PACKAGES := bridge_core adapters/bridge_adapters plugins/llava/bridge_llava \
+	plugins/siglip/bridge_siglip plugins/qwen2vl/bridge_qwen2vl
 # Where `make lock` finds the CPU build of PyTorch: the wheel on this machine's disk, else
 # PyTorch's CPU index (both serve torch==X+cpu, which has no CUDA dependencies).
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,\
@@ -22,10 +23,12 @@ TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,\
 
 setup: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml plugins/llava/pyproject.toml plugins/siglip/pyproject.toml
+$(STAMP): requirements.lock pyproject.toml plugins/llava/pyproject.toml \
+		plugins/siglip/pyproject.toml plugins/qwen2vl/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . -e plugins/llava -e plugins/siglip
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . -e plugins/llava \
+		-e plugins/siglip -e plugins/qwen2vl
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
@@ -61,15 +64,17 @@ $(COMPARE_STAMP): requirements-compare.lock | setup
 
 # Re-resolve requirements.lock from requirements.in (keeps existing pins; UPGRADE=1 moves
 # every pin to the newest release the ranges allow), then requirements-compare.lock, which
-# holds every package it shares with requirements.lock at that lock's version.
+# holds every package it shares with requirements.lock at that lock's version (but
+# transformer-lens: the dev lock has sae-lens's 3.x, the comparison measures the newest).
 lock: setup
 	$(BIN)/uv pip compile requirements.in --output-file requirements.lock --python-version 3.11 \
 		--custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) $(TORCH_SOURCE) \
 		--no-emit-package transformer-bridge --no-emit-package transformer-bridge-llava \
-		--no-emit-package transformer-bridge-siglip
+		--no-emit-package transformer-bridge-siglip --no-emit-package transformer-bridge-qwen2vl
+	grep -v '^transformer-lens==' requirements.lock > $(VENV)/compare-constraints.txt
 	$(BIN)/uv pip compile requirements-compare.in --output-file requirements-compare.lock \
 		--python-version 3.11 --custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) \
-		$(TORCH_SOURCE)
+		$(TORCH_SOURCE) --constraints $(VENV)/compare-constraints.txt
 
 # The test suite against the oldest and newest torch/transformers that pyproject declares.
 compat: setup

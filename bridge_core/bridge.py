@@ -492,7 +492,7 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
             )
             ordered, calls = slice_store(ordered, calls, pos_slice)
         cache = ActivationCache(ordered, self, has_batch_dim=not remove_batch_dim, calls=calls)
-        if "images" in kwargs or "pixel_values" in kwargs:
+        if any(k in kwargs for k in ("images", "pixel_values", "pixel_values_videos")):
             cache.set_image_layout(lambda: self.image_layout(*args, **kwargs))
         return output, (cache if return_cache_object else cache.cache_dict)
 

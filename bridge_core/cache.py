@@ -590,7 +590,7 @@ def _embed_terms(cache: ActivationCache, layers: _Stack) -> list[tuple[str, torc
         if name in cache
     ]
     layout = cache.image_layout
-    if layout is None or not layout.images:
+    if layout is None or not bool(layout.image_mask.any()):
         return terms
     first = layers.name(0, "hook_resid_pre")
     if first not in cache:

@@ -120,15 +120,17 @@ def add_position_ids(inputs: dict[str, Any], accepted: frozenset[str], model: nn
     ``[batch, pos, d_model]``, as TransformerLens's ``hook_pos_embed``). Nothing is added
     when the caller gave positions, a key/value cache, or embeddings, or when the model takes
     no position ids, or is no model HF's `generate` runs (an encoder such as RoBERTa counts its
-    positions its own way). Padding tokens keep HF's default positions, so for an all-ones (or
-    absent) mask and for right padding the ids equal HF's default.
+    positions its own way), or prepares position ids of its own for `generate` (Qwen2-VL's 3-D
+    M-RoPE positions, from the image grids: 1-D ids would replace them). Padding tokens keep
+    HF's default positions, so for an all-ones (or absent) mask and for right padding the ids
+    equal HF's default.
     """
     ids = inputs.get("input_ids")
     skip = ("position_ids", "past_key_values", "cache", "cache_position", "inputs_embeds")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or "position_ids" not in accepted:
         return
     can_generate = getattr(model, "can_generate", None)
-    if not callable(can_generate) or not can_generate():
+    if not callable(can_generate) or not can_generate() or _own_positions(model):
         return
     if any(inputs.get(key) is not None for key in skip):
         return
@@ -140,6 +142,15 @@ def add_position_ids(inputs: dict[str, Any], accepted: frozenset[str], model: nn
         inputs["position_ids"] = torch.where(mask.bool(), counted, default)
     else:
         inputs["position_ids"] = default
+
+
+def _own_positions(model: nn.Module) -> bool:
+    """Whether the model's class prepares its own position ids for `generate`."""
+    from transformers import GenerationMixin
+
+    name = "_prepare_position_ids_for_generation"
+    base, own = getattr(GenerationMixin, name, None), getattr(type(model), name, None)
+    return base is not None and own is not None and own is not base
 
 
 def lm_labels(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -67,8 +67,12 @@ class Tile:
 
     Attributes:
         positions: ``[rows, cols]`` language-model position of each patch's token.
-        vision_index: ``[rows, cols, 2]`` (row of the vision tower's batch, token index in
-            its sequence) that each patch's feature comes from.
+        vision_index: where each patch's feature comes from, as an index into the vision
+            layers' activations (batch dimension first where they have one): ``[rows, cols,
+            2]`` (row of the tower's batch, token index in its sequence), or ``[rows, cols,
+            k, n]`` for a feature merged from k tower tokens (Qwen2-VL merges 2 x 2 patches;
+            its tower has no batch dimension, so n = 1). ``activation[tuple(vision_index[r,
+            c].unbind(-1))]`` is what the feature of patch (r, c) is made from.
         boxes: ``[rows, cols, 4]`` ``(x0, y0, x1, y1)`` of each patch in the original image's
             pixels (clipped to the image), or None when the original size is unknown.
         newline_positions: positions of the tokens that end each row (any-resolution models),
@@ -125,7 +129,8 @@ class ImagePlacement:
 
     @property
     def vision_rows(self) -> torch.Tensor:
-        """Rows of the vision tower's batch that hold this image (its crops)."""
+        """Indices on the first dimension of the vision activations that hold this image: rows
+        of the tower's batch (its crops), or its tokens for a tower without a batch dimension."""
         rows: torch.Tensor = torch.unique(
             torch.cat([t.vision_index[..., 0].flatten() for t in self.tiles])
         )
@@ -160,13 +165,28 @@ class ImagePlacement:
         x0, y0, x1, y1 = (float(v) for v in boxes[row, col])
         return x0, y0, x1, y1
 
-    def vision_token(self, pos: int) -> tuple[int, int]:
-        """Where the feature at `pos` comes from: (row of the tower's batch, token index)."""
+    def vision_token(self, pos: int) -> tuple[int, ...]:
+        """Where the feature at `pos` comes from: (row of the tower's batch, token index).
+
+        Raises:
+            InputError: the feature is merged from several tower tokens (`vision_tokens`).
+        """
+        tokens = self.vision_tokens(pos)
+        if len(tokens) != 1:
+            raise InputError(
+                f"the feature at position {pos} is merged from {len(tokens)} tokens of the "
+                f"vision tower ({tokens.tolist()}): vision_tokens(pos) lists them"
+            )
+        return tuple(int(i) for i in tokens[0])
+
+    def vision_tokens(self, pos: int) -> torch.Tensor:
+        """Every tower token the feature at `pos` is made from: ``[k, n]`` indices into the
+        vision activations (k = 1 unless the model merges tokens, as Qwen2-VL does)."""
         if self.cls_position is not None and pos == self.cls_position:
-            return int(self.tiles[0].vision_index[0, 0, 0]), 0
+            return torch.tensor([[int(self.tiles[0].vision_index[0, 0, 0]), 0]])
         t, row, col = self.token_patch(pos)
-        crop, token = self.tiles[t].vision_index[row, col].tolist()
-        return int(crop), int(token)
+        index = self.tiles[t].vision_index[row, col]
+        return index.reshape(-1, index.shape[-1])
 
     @overload
     def to_grid(self, values: torch.Tensor, tile: int) -> torch.Tensor: ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeAlias, TypeVar, cast
@@ -152,6 +153,14 @@ def load_tokenizer_and_processor(source: str, **hub: Any) -> tuple[Any, Any]:
     processor: Any = None
     try:
         processor = cast(Any, AutoProcessor).from_pretrained(source, **hub)  # untyped
+    except ImportError as exc:  # a part of it needs a library that is not installed
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(
+            f"the processor of {source!r} could not be loaded ({reason}); the bridge has its "
+            "tokenizer but no processor, so images= does not work: install what it needs, "
+            "or set bridge.processor",
+            stacklevel=2,
+        )
     except (OSError, ValueError, KeyError, TypeError):
         processor = None
     if isinstance(processor, PreTrainedTokenizerBase):

@@ -264,7 +264,8 @@ def patch_image_patches(
 
     Returns:
         Axis ``("patch",)`` over each tile's patches, coordinates (tile, row, col);
-        `PatchResult.grid` gives ``[rows, cols]`` (one per tile for any-resolution).
+        `PatchResult.grid` gives ``[rows, cols]`` (one per tile for any-resolution). A patch
+        whose feature is merged from several tower tokens (Qwen2-VL's 2 x 2) patches them all.
     """
     layout = layout_of(clean_cache)
     placement = layout.image(image, batch)
@@ -273,8 +274,8 @@ def patch_image_patches(
     for t, tile in enumerate(placement.tiles):
         rows, cols = tile.grid
         for row, col in itertools.product(range(rows), range(cols)):
-            crop, token = tile.vision_index[row, col].tolist()
-            targets.append([Patch(name, (crop, token)) for name in names])
+            index = _vision_index(tile.vision_index[row, col])
+            targets.append([Patch(name, index) for name in names])
             coords.append((t, row, col))
     return patch_sweep(
         bridge,
@@ -324,6 +325,14 @@ def _setter(clean: torch.Tensor, indices: list[Index]) -> Callable[..., torch.Te
         return patched
 
     return patch
+
+
+def _vision_index(cell: torch.Tensor) -> Index:
+    """A patch's `Tile.vision_index` entry as an index: ``(crop, token)``, or one tensor per
+    dimension for a feature merged from several tower tokens."""
+    if cell.dim() == 1:
+        return tuple(int(i) for i in cell)
+    return tuple(cell.reshape(-1, cell.shape[-1]).unbind(-1))
 
 
 def _dims(hook: str) -> tuple[int, int]:

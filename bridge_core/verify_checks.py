@@ -62,12 +62,16 @@ def _result(check: str, hook: str, ok: bool | None, detail: str) -> Result:
 
 
 def head_locality(run: RunLike, attentions: list[GeneralizedComponent]) -> Iterator[Result]:
-    """An edit of head h of q (k, v) moves z only at head h (the heads sharing kv head h)."""
+    """An edit of head h of q (k, v) moves z only at head h (the heads sharing kv head h).
+
+    Heads are the second-to-last dimension (``[..., head, d_head]``), with or without a batch
+    dimension in front (a vision tower over all images' patches at once has none).
+    """
     for attn in attentions:
         z_name = _point(attn, "hook_z").name
         base = _z_after(run, z_name, [])
         dims = run.dims[attn.name]
-        n_heads = int(base.shape[2])
+        n_heads = int(base.shape[-2])
         n_kv = dims.get("n_kv_heads") or n_heads
         for proj in ("q", "k", "v"):
             point = _point(attn, f"hook_{proj}")
@@ -77,7 +81,9 @@ def head_locality(run: RunLike, attentions: list[GeneralizedComponent]) -> Itera
             for head in tested:
                 edit = _head_edit(head, run.generator)
                 z = _z_after(run, z_name, [(point.name, edit)])
-                moved = [j for j in range(n_heads) if not torch.equal(z[:, :, j], base[:, :, j])]
+                moved = [
+                    j for j in range(n_heads) if not torch.equal(z[..., j, :], base[..., j, :])
+                ]
                 group = n_heads // heads
                 expected = list(range(head * group, (head + 1) * group))
                 if moved != expected:
@@ -109,8 +115,8 @@ def _z_after(run: RunLike, z_name: str, hooks: list[Hook]) -> torch.Tensor:
 def _head_edit(head: int, generator: torch.Generator) -> Callable[..., torch.Tensor]:
     def edit(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         x = x.clone()
-        noise = torch.randn(x[:, :, head].shape, generator=generator).to(x.dtype).to(x.device)
-        x[:, :, head] += noise * (x.float().std().clamp(min=1e-2) + 1).to(x.dtype)
+        noise = torch.randn(x[..., head, :].shape, generator=generator).to(x.dtype).to(x.device)
+        x[..., head, :] += noise * (x.float().std().clamp(min=1e-2) + 1).to(x.dtype)
         return x
 
     return edit
@@ -132,6 +138,7 @@ def recomputed_patterns(
 
     The mask is causal, within the module's ``sliding_window`` where it has one, with the
     inputs' padding; scores are soft-capped where the config says ``attn_logit_softcapping``.
+    A kernel that runs several times per forward (once per image) is checked call by call.
     """
     for attn in attentions:
         pattern_point = _point(attn, "hook_pattern")
@@ -143,22 +150,43 @@ def recomputed_patterns(
         rotated = _point(attn, "hook_rot_q")._tap is not None
         q_name = _point(attn, "hook_rot_q" if rotated else "hook_q").name
         k_name = _point(attn, "hook_rot_k" if rotated else "hook_k").name
+        yield _compare_patterns(run, cache, attn, pattern_point.name, q_name, k_name)
+
+
+def _compare_patterns(
+    run: RunLike,
+    cache: ActivationCache,
+    attn: GeneralizedComponent,
+    name: str,
+    q_name: str,
+    k_name: str,
+) -> Result:
+    calls = [cache.calls(n) for n in (q_name, k_name, name)]
+    if len({len(c) for c in calls}) != 1:
+        names = (q_name, k_name, name)
+        counts = ", ".join(f"{n} {len(c)}" for n, c in zip(names, calls, strict=True))
+        return _result("pattern", name, False, f"the calls do not pair up ({counts})")
+    worst: float | str = 0.0
+    for q, k, got in zip(*calls, strict=True):
         try:
-            expected = _pattern_from(attn, cache[q_name], cache[k_name], run.inputs)
+            expected = _pattern_from(attn, q, k, run.inputs)
         except Exception as exc:
-            yield _result("pattern", pattern_point.name, False, f"cannot recompute: {exc}")
-            continue
-        got = cache[pattern_point.name].float()
-        close = got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4, rtol=1e-3)
-        if close:
-            detail = f"equals softmax({q_name.rsplit('.', 1)[-1]} k^T * scale + mask)"
-        else:
-            error = (got - expected).abs().max().item() if got.shape == expected.shape else "-"
-            detail = (
-                f"differs from the pattern recomputed from {q_name} and {k_name} "
-                f"(max error {error}): q, k or the pattern are not what the kernel used"
-            )
-        yield _result("pattern", pattern_point.name, close, detail)
+            return _result("pattern", name, False, f"cannot recompute: {exc}")
+        got = got.float()
+        if got.shape != expected.shape:
+            worst = f"- (shapes {list(got.shape)} and {list(expected.shape)})"
+            break
+        if not torch.allclose(got, expected, atol=1e-4, rtol=1e-3):
+            worst = max(float(worst), (got - expected).abs().max().item())
+    if worst == 0.0:
+        each = f" (each of its {len(calls[2])} calls)" if len(calls[2]) > 1 else ""
+        detail = f"equals softmax({q_name.rsplit('.', 1)[-1]} k^T * scale + mask){each}"
+        return _result("pattern", name, True, detail)
+    detail = (
+        f"differs from the pattern recomputed from {q_name} and {k_name} "
+        f"(max error {worst}): q, k or the pattern are not what the kernel used"
+    )
+    return _result("pattern", name, False, detail)
 
 
 def _pattern_from(
@@ -170,6 +198,9 @@ def _pattern_from(
     assert module is not None
     choose = getattr(attn, "kernel", None)  # the attention kinds' kernel submodule
     kernel: torch.nn.Module = choose(module) if callable(choose) else module
+    batched = q.dim() == 4  # else one call of a kernel run per sequence: [pos, head, d]
+    if not batched:
+        q, k = q.unsqueeze(0), k.unsqueeze(0)
     q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()  # [batch, head, pos, d]
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -187,10 +218,11 @@ def _pattern_from(
         too_far = q_pos[:, None] - torch.arange(scores.shape[-1])[None, :] >= window
         scores = scores.masked_fill(too_far.to(scores.device), torch.finfo(scores.dtype).min)
     padding = inputs.get("attention_mask")
-    if isinstance(padding, torch.Tensor) and padding.shape[-1] == scores.shape[-1]:
+    if batched and isinstance(padding, torch.Tensor) and padding.shape[-1] == scores.shape[-1]:
         keep = padding.bool()[:, None, None, :]
         scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1)
+    pattern = torch.softmax(scores, dim=-1)
+    return pattern if batched else pattern[0]
 
 
 # -- residual stream ---------------------------------------------------------------------------

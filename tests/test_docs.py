@@ -24,7 +24,12 @@ DOCS = ROOT / "docs"
 PAGES = sorted(p.name for p in DOCS.glob("*.md"))
 
 # Pages whose examples need a separately installed distribution: skipped without it.
-REQUIRES = {"llava.md": "bridge_llava", "scale.md": "bridge_llava", "vlm.md": "bridge_siglip"}
+REQUIRES = {
+    "llava.md": "bridge_llava",
+    "qwen2vl.md": "bridge_qwen2vl",
+    "scale.md": "bridge_llava",
+    "vlm.md": "bridge_siglip",
+}
 
 
 def _examples() -> ModuleType:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 import transformers.models.gpt2.modeling_gpt2 as modeling_gpt2
 from transformers import (
     AttentionInterface,
@@ -115,6 +116,21 @@ def test_boot_of_a_dir_without_tokenizer_works_on_ids(
     )
     with pytest.raises(InputError, match="no tokenizer"):
         bridge(TEXT)
+
+
+def test_a_processor_that_needs_a_missing_library_leaves_the_tokenizer(
+    saved_gpt2: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # as Qwen2-VL's processor without torchvision: transformers raises ImportError
+    def needs_torchvision(*args: Any, **kwargs: Any) -> Any:
+        raise ImportError("Qwen2VLVideoProcessor requires the Torchvision library\nmore text")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", needs_torchvision)
+    bridge = TransformerBridge.boot(saved_gpt2)
+    with pytest.warns(UserWarning, match=r"requires the Torchvision library\); the bridge has"):
+        assert isinstance(bridge.tokenizer, PreTrainedTokenizerBase)
+    assert bridge.processor is None
+    assert bridge.to_tokens(TEXT).shape[0] == 1
 
 
 # -- choosing the adapter ------------------------------------------------------------------
