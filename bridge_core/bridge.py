@@ -15,13 +15,13 @@ from torch import nn
 from bridge_core import forward_options, tokens
 from bridge_core.cache import ActivationCache
 from bridge_core.components.base import GeneralizedComponent
-from bridge_core.errors import BridgeError, HookNameError, InputError, did_you_mean
+from bridge_core.errors import HookNameError, InputError, did_you_mean
 from bridge_core.hooked_root import HookedRoot, slice_store
 from bridge_core.hooked_root import HookSpec as HookSpec  # re-exported for callers
 from bridge_core.hooks import running
 from bridge_core.model_weights import ModelWeights
 from bridge_core.naming import HookDict, HookNames, NamesFilter
-from bridge_core.recording import Recorder
+from bridge_core.recording import Recorder, check_backward, run_backward
 from bridge_core.saes import SAEMixin
 from bridge_core.slices import SliceInput
 from bridge_core.text import TextMixin
@@ -481,7 +481,7 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
             `ImageLayout` of a run with images (computed when first read), else None.
         """
         selected = self._names.select(names_filter)
-        _check_backward(incl_bwd, metric, kwargs.get("return_type", "logits"))
+        check_backward(incl_bwd, metric, kwargs.get("return_type", "logits"))
         if not reset_hooks_end:
             output, ordered, calls = self._lasting_cache(
                 args, kwargs, selected, device, remove_batch_dim, incl_bwd, pos_slice
@@ -516,7 +516,7 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         with grad, self.hooks(fwd, bwd, clear_contexts=clear_contexts):  # also under no_grad()
             output = self._eager_call(*args, **kwargs)
             if incl_bwd:
-                _backward(output, metric)
+                run_backward(output, metric)
         store, calls = recorder.finish()
         order = {n: i for i, n in enumerate(selected)}
         ordered = dict(
@@ -550,30 +550,8 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         text = (copy.deepcopy(self._tokenizer, memo), copy.deepcopy(self._processor, memo))
         clone = type(self)(model, self.adapter, self.cfg.model_copy(), *text)
         clone._text_loader = self._text_loader
-        for name, point in self._names.points.items():
-            target = clone._names.points[name]
-            target.enabled, target.copy_on_cache = point.enabled, point.copy_on_cache
-            for direction, hooks in (("fwd", point._fwd), ("bwd", point._bwd)):
-                for hook in hooks:
-                    if hook.scope is None:
-                        target.add_hook(hook.fn, direction, hook.permanent)  # type: ignore[arg-type]
+        self._copy_hooks_to(clone)
         return clone
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle the bridge (model, adapter, config, text) while no hook is attached.
-
-        Raises:
-            BridgeError: hooks are attached (their functions and the PyTorch hooks of their
-                taps are not part of what a pickle can carry).
-        """
-        hooked = [n for n, p in self._names.points.items() if p.has_hooks()]
-        if hooked:
-            raise BridgeError(
-                f"cannot pickle a bridge while hooks are attached (at {hooked[:3]}); remove "
-                "them first (reset_hooks(including_permanent=True)), or copy.deepcopy it"
-            )
-        state: dict[str, Any] = dict(self.__dict__)
-        return state
 
     def verify(self, inputs: dict[str, Any] | None = None) -> VerifyReport:
         """Check every hook point of this bridge (see `bridge_core.verify`).
@@ -620,44 +598,6 @@ def _outside_compile(bridge: TransformerBridge, args: Any, kwargs: Any) -> Any:
 
 _disable: Callable[..., Any] = torch.compiler.disable  # untyped in torch
 _outside_compile = _disable(_outside_compile)
-
-
-def _check_backward(incl_bwd: bool, metric: Any, return_type: Any) -> None:
-    if metric is not None and not incl_bwd:
-        raise InputError("metric= is what incl_bwd=True differentiates: pass incl_bwd=True too")
-    if metric is not None and not callable(metric):
-        raise InputError(
-            f"metric must be a function output -> scalar (got {type(metric).__name__})"
-        )
-    if incl_bwd and torch.is_inference_mode_enabled():
-        raise InputError(
-            "incl_bwd=True needs gradients, which torch.inference_mode() forbids (tensors made "
-            "in it cannot enter autograd). Accepted: run_with_cache(incl_bwd=True) outside "
-            "inference_mode (under torch.no_grad() it works: it enables gradients for the call)"
-        )
-    if incl_bwd and metric is None and return_type not in ("loss", "both"):
-        raise InputError(
-            "incl_bwd=True differentiates the loss (pass return_type='loss') or a metric "
-            "(pass metric=fn, fn(output) -> scalar)"
-        )
-
-
-def _backward(output: Any, metric: Callable[[Any], torch.Tensor] | None) -> None:
-    if metric is None:
-        target = output[1] if isinstance(output, tuple) else output
-    else:
-        target = metric(output)
-        if not isinstance(target, torch.Tensor) or target.numel() != 1:
-            shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target)
-            raise InputError(
-                f"metric must return a scalar tensor that depends on the output (got {shape})"
-            )
-        if not target.requires_grad:
-            raise InputError(
-                "metric returned a tensor without gradient: compute it from the output "
-                "(without .detach(), .item() or torch.no_grad())"
-            )
-    target.backward()
 
 
 def _tokenizer_of(processor: Any) -> Any:

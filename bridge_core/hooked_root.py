@@ -376,6 +376,33 @@ class HookedRoot(nn.Module):
                 f"this model has no {alias} hook points.{did_you_mean(alias, known)}"
             )
 
+    def _copy_hooks_to(self, clone: HookedRoot) -> None:
+        """Give `clone`'s hook points this root's permanent and plain ``add_hook`` hooks (not
+        those of a call in progress), and their switches."""
+        for name, point in self._names.points.items():
+            target = clone._names.points[name]
+            target.enabled, target.copy_on_cache = point.enabled, point.copy_on_cache
+            for direction, hooks in (("fwd", point._fwd), ("bwd", point._bwd)):
+                for hook in hooks:
+                    if hook.scope is None:
+                        target.add_hook(hook.fn, direction, hook.permanent)  # type: ignore[arg-type]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the bridge (model, adapter, config, text) while no hook is attached.
+
+        Raises:
+            BridgeError: hooks are attached (their functions and the PyTorch hooks of their
+                taps are not part of what a pickle can carry).
+        """
+        hooked = [n for n, p in self._names.points.items() if p.has_hooks()]
+        if hooked:
+            raise BridgeError(
+                f"cannot pickle a bridge while hooks are attached (at {hooked[:3]}); remove "
+                "them first (reset_hooks(including_permanent=True)), or copy.deepcopy it"
+            )
+        state: dict[str, Any] = dict(self.__dict__)
+        return state
+
 
 def _slice_positions(value: torch.Tensor, name: str, pos_slice: slices.SliceInput) -> torch.Tensor:
     """TransformerLens's run_with_cache ``pos_slice``: the position dimension is third from

@@ -12,8 +12,9 @@ A point found changed although it was thought safe is an error, never a silently
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -116,3 +117,43 @@ def _combine(values: list[torch.Tensor], collect: str) -> torch.Tensor | None:
     if collect == "cat" and all(v.shape[1:] == values[0].shape[1:] for v in values):
         return torch.cat(values)
     return None
+
+
+def check_backward(incl_bwd: bool, metric: Any, return_type: Any) -> None:
+    """Refuse a backward pass that cannot be run as asked (before the forward runs)."""
+    if metric is not None and not incl_bwd:
+        raise InputError("metric= is what incl_bwd=True differentiates: pass incl_bwd=True too")
+    if metric is not None and not callable(metric):
+        raise InputError(
+            f"metric must be a function output -> scalar (got {type(metric).__name__})"
+        )
+    if incl_bwd and torch.is_inference_mode_enabled():
+        raise InputError(
+            "incl_bwd=True needs gradients, which torch.inference_mode() forbids (tensors made "
+            "in it cannot enter autograd). Accepted: run_with_cache(incl_bwd=True) outside "
+            "inference_mode (under torch.no_grad() it works: it enables gradients for the call)"
+        )
+    if incl_bwd and metric is None and return_type not in ("loss", "both"):
+        raise InputError(
+            "incl_bwd=True differentiates the loss (pass return_type='loss') or a metric "
+            "(pass metric=fn, fn(output) -> scalar)"
+        )
+
+
+def run_backward(output: Any, metric: Callable[[Any], torch.Tensor] | None) -> None:
+    """Backpropagate `metric(output)`, or the loss in `output` (the second of (logits, loss))."""
+    if metric is None:
+        target = output[1] if isinstance(output, tuple) else output
+    else:
+        target = metric(output)
+        if not isinstance(target, torch.Tensor) or target.numel() != 1:
+            shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target)
+            raise InputError(
+                f"metric must return a scalar tensor that depends on the output (got {shape})"
+            )
+        if not target.requires_grad:
+            raise InputError(
+                "metric returned a tensor without gradient: compute it from the output "
+                "(without .detach(), .item() or torch.no_grad())"
+            )
+    target.backward()

@@ -27,7 +27,7 @@ LAYERS = [
     _layer("errors/config/spec", "errors config expr spec"),
     _layer(
         "hooks/cache/tokens",
-        "hooks naming recording views attention normalization tokens text slices cache "
+        "hooks naming recording views switches attention normalization tokens text slices cache "
         "cache_analysis layout heatmap data shards factored weights forward_options hooked_root "
         "saes",
     ),
