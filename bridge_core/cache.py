@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -14,6 +13,7 @@ from bridge_core.cache_analysis import TransformerLensAnalyses
 from bridge_core.errors import HookNameError, InputError, did_you_mean
 from bridge_core.naming import NameKeys
 from bridge_core.naming import act_name as act_name  # re-exported: TransformerLens's get_act_name
+from bridge_core.stacks import Stack, embed_terms, is_stack, stacks_of
 
 if TYPE_CHECKING:
     from bridge_core.config import TransformerBridgeConfig
@@ -138,10 +138,10 @@ class ActivationCache(TransformerLensAnalyses):
         layer = rest[0] if rest else None
         sublayer = rest[1] if len(rest) > 1 else None
         stack = rest[2] if len(rest) > 2 else "blocks"
-        if len(rest) == 2 and isinstance(sublayer, str) and _is_stack(self.model, sublayer):
+        if len(rest) == 2 and isinstance(sublayer, str) and is_stack(self.model, sublayer):
             sublayer, stack = None, sublayer  # cache["resid_pre", 3, "decoder"]
         if isinstance(layer, int) and layer < 0:  # from the end of the stack
-            n_layers = _Stack.of(self, stack).n_layers
+            n_layers = Stack.of(self, stack).n_layers
             if layer < -n_layers:
                 raise HookNameError(
                     f"cache[{key!r}]: layer {layer} is out of range for the {n_layers} layers "
@@ -151,7 +151,7 @@ class ActivationCache(TransformerLensAnalyses):
         return act_name(name, layer, sublayer, stack)
 
     def _stack_hint(self, name: str) -> str:
-        if not name.startswith("blocks.") or _is_stack(self.model, "blocks"):
+        if not name.startswith("blocks.") or is_stack(self.model, "blocks"):
             return ""
         stacks = stacks_of(self.model)
         example = f'cache["resid_pre", 0, {stacks[-1]!r}]' if stacks else ""
@@ -268,7 +268,7 @@ class ActivationCache(TransformerLensAnalyses):
         stack: str = "blocks",
     ) -> torch.Tensor:
         """Stack one activation over layers 0..layer-1 (all if -1): ``[n_layers, ...]``."""
-        layers = _Stack.of(self, stack)
+        layers = Stack.of(self, stack)
         n = layers.n_layers if layer == -1 else layers.index(layer, "stack_activation")
         return torch.stack(
             [self[act_name(activation_name, i, sublayer_type, stack)] for i in range(n)]
@@ -289,7 +289,7 @@ class ActivationCache(TransformerLensAnalyses):
         Returns:
             ``[n, batch, pos, d_model]`` (and the labels, if asked).
         """
-        layers = _Stack.of(self, stack)
+        layers = Stack.of(self, stack)
         n_layers = layers.n_layers
         layer = n_layers if layer is None else layers.index(layer, "accumulated_resid")
         parts: list[torch.Tensor] = []
@@ -342,10 +342,10 @@ class ActivationCache(TransformerLensAnalyses):
         """
         if mode not in ("all", "attn", "mlp"):
             raise InputError(f"mode must be 'all', 'attn' or 'mlp' (got {mode!r})")
-        layers = _Stack.of(self, stack)
+        layers = Stack.of(self, stack)
         n_layers = layers.n_layers
         layer = n_layers if layer is None else layers.index(layer, "decompose_resid")  # -1: all
-        terms = _embed_terms(self, layers) if incl_embeds else []
+        terms = embed_terms(self, layers) if incl_embeds else []
         for i in range(layer + int(mlp_input and layer < n_layers)):
             if mode in ("all", "attn"):
                 terms.append((f"{i}_attn_out", self[layers.name(i, "hook_attn_out")]))
@@ -378,7 +378,7 @@ class ActivationCache(TransformerLensAnalyses):
         the map is linear in the stack's components, as in TransformerLens. The norm's
         weight and bias are not applied; `logit_lens` applies the whole final norm.
         """
-        layers = _Stack.of(self, stack)
+        layers = Stack.of(self, stack)
         norm = layers.norm(layer, mlp_input)
         resid = _slice_pos(self[f"{norm}.hook_in"], pos_slice)
         if not has_batch_dim:
@@ -468,173 +468,11 @@ def vision_logit_lens(
     return logits
 
 
-@dataclass(frozen=True)
-class _Stack:
-    """A list of layers of the bridge, and the hook names of its residual stream."""
-
-    cache: ActivationCache
-    path: str
-    n_layers: int
-
-    @classmethod
-    def of(cls, cache: ActivationCache, path: str) -> _Stack:
-        layers = _module(cache.model, path)
-        if not isinstance(layers, nn.ModuleList):
-            stacks = [n for n, m in cache.model.named_modules() if isinstance(m, nn.ModuleList)]
-            hint = did_you_mean(path, stacks)
-            raise HookNameError(
-                f"stack {path!r} is not a list of layers of this bridge.{hint} Stacks: {stacks}"
-            )
-        return cls(cache, path, len(layers))
-
-    def index(self, layer: int, helper: str) -> int:
-        """A residual helper's `layer` as 0..n_layers (n_layers: after the last layer);
-        negative counts from the end (-1 is n_layers), as in TransformerLens.
-
-        Raises:
-            InputError: out of range, naming the helper, the stack and the range.
-        """
-        n = self.n_layers
-        if not isinstance(layer, int) or not -(n + 1) <= layer <= n:
-            raise InputError(
-                f"{helper}(layer={layer!r}): {self.path!r} has {n} layers. Accepted: 0..{n} "
-                f"({n}: after the last layer), -{n + 1}..-1 counted from the end, or None"
-            )
-        return layer % (n + 1)
-
-    @property
-    def is_language_model(self) -> bool:
-        return self.path == "blocks"
-
-    def name(self, layer: int, hook: str) -> str:
-        return f"{self.path}.{layer}.{hook}"
-
-    def norms(self, layer: int) -> list[str]:
-        """The normalization components that read a layer's residual stream, in order.
-
-        ``ln1``, ``ln2`` (and a decoder's ``ln3``) where the layer has them (TransformerLens's
-        names); else its norms in forward order (a vision tower's ``layer_norm1``,
-        ``layer_norm2``). Norms of a sublayer's output (``ln1_post``, ``ln2_post``) never read
-        the stream.
-        """
-        prefix, names = f"{self.path}.{layer}.", self.cache.model._names
-        found = [
-            name.removesuffix(".hook_normalized")
-            for name in [*names.points, *names.aliases]  # a norm's point (an alias in plugins)
-            if name.startswith(prefix)
-            and name.endswith(".hook_normalized")
-            and name[len(prefix) :].count(".") == 1
-        ]
-        conventional = [f"{prefix}ln1", f"{prefix}ln2", f"{prefix}ln3"]  # ln3: a decoder's MLP
-        if any(name in found for name in conventional):
-            return [name for name in conventional if name in found]
-        return [name for name in found if not name.endswith("_post")]
-
-    def resid_mid(self, layer: int) -> str:
-        """The stream between attention and MLP: ``hook_resid_mid``, or the second norm's input."""
-        name = self.name(layer, "hook_resid_mid")
-        if name in self.cache.model._names.aliases or len(self.norms(layer)) < 2:
-            return name
-        return self.norms(layer)[1] + ".hook_in"
-
-    def has(self, layer: int, hook: str) -> bool:
-        """Whether the layer has the hook point or alias (a decoder's cross-attention ones)."""
-        names = self.cache.model._names
-        return self.name(layer, hook) in names.points or self.name(layer, hook) in names.aliases
-
-    def mlp_input(self, layer: int) -> str:
-        """The stream the MLP reads: after cross-attention in a decoder, else ``resid_mid``."""
-        if self.has(layer, "hook_resid_mid_cross"):
-            return self.name(layer, "hook_resid_mid_cross")
-        return self.resid_mid(layer)
-
-    def norm(self, layer: int | None, mlp_input: bool) -> str:
-        """The norm component that reads the stream at `layer` (the final norm for None):
-        ``ln_final`` after ``blocks``, ``<stack>_final_ln`` after another stack (TransformerLens's
-        ``encoder_final_ln`` and ``decoder_final_ln``)."""
-        layer = None if layer is None else self.index(layer, "apply_ln_to_stack")
-        if layer is None or layer == self.n_layers:
-            final = "ln_final" if self.is_language_model else f"{self.path}_final_ln"
-            if _module(self.cache.model, final) is not None:
-                return final
-            raise InputError(
-                f"no norm of {self.path!r} reads the output of its last layer; pass a layer "
-                f"below {self.n_layers}"
-            )
-        norms = self.norms(layer)
-        if len(norms) < 1 + int(mlp_input):
-            wanted = f"{self.path}.{layer}.ln{1 + int(mlp_input)}.hook_in"
-            raise HookNameError(
-                f"no norm reads the residual stream of layer {layer} of {self.path!r} (looked "
-                f"for {wanted!r}; its norms: {norms or 'none'}), so there is no scale to apply"
-            )
-        return norms[-1] if mlp_input else norms[0]  # a decoder's MLP reads ln3
-
-    def norm_kind(self, norm: str) -> tuple[str, float]:
-        """("LN" or "RMS", eps) of a norm component."""
-        cfg = self.cache.model.cfg
-        module = self.cache.model.component(norm).original_component
-        eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", None)
-        if self.is_language_model:
-            return cfg.normalization_type or "RMS", float(cfg.eps or eps or 1e-5)
-        return ("LN" if isinstance(module, nn.LayerNorm) else "RMS"), float(eps or 1e-5)
-
-
-def _embed_terms(cache: ActivationCache, layers: _Stack) -> list[tuple[str, torch.Tensor]]:
-    """The terms of the first layer's input: embeddings, and image features if any."""
-    if not layers.is_language_model:
-        return [("embed", cache[layers.name(0, "hook_resid_pre")])]
-    terms = [
-        (name.removeprefix("hook_"), cache[name])
-        for name in ("hook_embed", "hook_pos_embed")
-        if name in cache
-    ]
-    layout = cache.image_layout
-    if layout is None or not bool(layout.image_mask.any()):
-        return terms
-    first = layers.name(0, "hook_resid_pre")
-    if first not in cache:
-        raise InputError(
-            f"decompose_resid of a run with images needs {first!r} (the stream once the "
-            "image features are in): cache it too (names_filter)"
-        )
-    resid = cache[first]
-    mask = layout.image_mask.to(resid.device)
-    mask = (mask if cache.has_batch_dim else mask[0]).unsqueeze(-1)
-    zero = torch.zeros((), dtype=resid.dtype, device=resid.device)
-    terms = [(n, torch.where(mask, zero, t) if n == "embed" else t) for n, t in terms]
-    rest = resid - sum((t for _, t in terms), torch.zeros_like(resid))
-    return [*terms, ("image", torch.where(mask, rest, zero))]
-
-
-def _is_stack(model: ModuleTree, path: str) -> bool:
-    return isinstance(_module(model, path), nn.ModuleList)
-
-
-def stacks_of(model: ModuleTree) -> list[str]:
-    """The stacks of layers of a bridge: its lists of components not inside a layer."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList)
-        and name
-        and not any(part.isdigit() for part in name.split("."))
-        and not name.startswith("original_model")
-    ]
-
-
 def _is_key(key: object) -> bool:
     """A hook name, or a (name, layer[, sublayer[, stack]]) tuple of TransformerLens's form."""
     if isinstance(key, str):
         return True
     return isinstance(key, tuple) and 1 <= len(key) <= 4 and isinstance(key[0], str)
-
-
-def _module(model: ModuleTree, path: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 def _slice_pos(x: torch.Tensor, pos_slice: PosSlice) -> torch.Tensor:
