@@ -158,7 +158,24 @@ class TowerOutputTap:
         return self.module.register_forward_hook(mark_tap(hook), prepend=True)
 
 
-class VisionTowerBridge(PartsComponent):
+class TowerComponent(PartsComponent):
+    """A component over an HF vision tower: the tower and its config (every plugin's tower
+    bridge derives from it)."""
+
+    @property
+    def tower(self) -> nn.Module:
+        """The HF vision tower."""
+        if self.original_component is None:
+            raise RuntimeError(f"component {self.name!r} is not attached to an HF module")
+        return self.original_component
+
+    @property
+    def vision_config(self) -> Any:
+        """The HF config of the tower (a CLIPVisionConfig, SiglipVisionConfig ...)."""
+        return self.tower.config
+
+
+class VisionTowerBridge(TowerComponent):
     """A ViT vision tower: its facts, the features a VLM takes from it, what verify needs.
 
     ``hook_in`` is ``pixel_values``; ``hook_out`` (alias ``hook_vision_out``) the tower's last
@@ -205,18 +222,6 @@ class VisionTowerBridge(PartsComponent):
         return first_tensor(self.tower(pixel_values, **kwargs))
 
     # -- the tower's facts -----------------------------------------------------------------
-
-    @property
-    def tower(self) -> nn.Module:
-        """The HF vision tower."""
-        if self.original_component is None:
-            raise RuntimeError(f"component {self.name!r} is not attached to an HF module")
-        return self.original_component
-
-    @property
-    def vision_config(self) -> Any:
-        """The HF config of the tower (a CLIPVisionConfig, SiglipVisionConfig ...)."""
-        return self.tower.config
 
     @property
     def num_layers(self) -> int:

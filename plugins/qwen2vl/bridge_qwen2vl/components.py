@@ -30,6 +30,7 @@ from bridge_core.hooks import HookPoint
 from bridge_core.multimodal import ImageLayout, LayoutRequest, VisionRoute
 from bridge_core.views import Select, ViewTap
 from bridge_llava.components import CLIPVisionEncoderLayerBridge, Part, PartsComponent
+from bridge_llava.tower import TowerComponent
 from bridge_qwen2vl import layout, vision
 
 KERNEL_TAPS: dict[str, Which] = {
@@ -134,7 +135,7 @@ class Qwen25VisionBlockBridge(QwenVisionBlockBridge):
     }
 
 
-class QwenVisionEncoderBridge(PartsComponent):
+class QwenVisionEncoderBridge(TowerComponent):
     """Qwen2-VL's vision transformer: patch_embed, then the blocks as ``layers``.
 
     ``hook_in`` is ``pixel_values`` (``[patches, channels * temporal_patch * patch**2]``, as
@@ -180,18 +181,6 @@ class QwenVisionEncoderBridge(PartsComponent):
                 vision.declare(point, attr, per_call if attr in PER_CALL else None)
 
     # -- the tower's facts -----------------------------------------------------------------
-
-    @property
-    def tower(self) -> nn.Module:
-        """The HF vision transformer."""
-        if self.original_component is None:
-            raise RuntimeError(f"component {self.name!r} is not attached to an HF module")
-        return self.original_component
-
-    @property
-    def vision_config(self) -> Any:
-        """The HF config of the tower."""
-        return self.tower.config
 
     @property
     def num_layers(self) -> int:
