@@ -17,6 +17,7 @@ leave it zero). An edit that cannot be written back is an error, never a silentl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -55,7 +56,7 @@ class LinkedWeight(torch.Tensor):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        with torch._C.DisableTorchFunctionSubclass():
+        with _plain():
             result = func(*args, **kwargs)
         first = args[0] if args else None
         if not isinstance(first, LinkedWeight):
@@ -80,13 +81,19 @@ class LinkedWeight(torch.Tensor):
     def sync(self) -> None:
         """Write this weight's values back to the parameters it was computed from."""
         if getattr(self, "_write_back", None) is not None:
-            with torch.no_grad(), torch._C.DisableTorchFunctionSubclass():
+            with torch.no_grad(), _plain():
                 assert self._write_back is not None
-            self._write_back(self.detach())
+                self._write_back(self.detach())
+
+
+def _plain() -> AbstractContextManager[None]:
+    """A block in which torch functions treat linked weights as plain tensors."""
+    disable: Callable[[], AbstractContextManager[None]] = torch._C.DisableTorchFunctionSubclass
+    return disable()  # typed here: torch before 2.13 leaves the class untyped
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    with torch._C.DisableTorchFunctionSubclass():
+    with _plain():
         return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
 
 
@@ -108,7 +115,7 @@ def stacked(parts: Sequence[torch.Tensor]) -> LinkedWeight:
         for part, layer in zip(parts, value.unbind(0), strict=True):
             assign(part, layer)
 
-    with torch._C.DisableTorchFunctionSubclass():
+    with _plain():
         value = torch.stack([p.as_subclass(torch.Tensor) for p in parts])
     return LinkedWeight.of(value, write_back)
 

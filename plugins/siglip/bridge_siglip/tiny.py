@@ -89,16 +89,19 @@ IDEFICS3_CHAT_TEMPLATE: Final[str] = (
 def _vision(
     layers: int, hidden: int = 32, image_size: int = IMAGE_SIZE, **extra: Any
 ) -> SiglipVisionConfig:
-    return SiglipVisionConfig(
+    config = SiglipVisionConfig(
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         image_size=image_size,
         patch_size=PATCH_SIZE,
-        vision_use_head=False,  # as the VLM checkpoints: no pooling head
         **extra,
     )
+    # as the VLM checkpoints: no pooling head (an attribute: before transformers 5.24 the
+    # config's signature does not name it, and the model reads it either way)
+    config.vision_use_head = False
+    return config
 
 
 def _text_sizes(tokenizer: PreTrainedTokenizerFast, layers: int) -> dict[str, Any]:
