@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -335,7 +336,7 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         compiled without hooks would silently skip hooks attached later.
         """
         if torch.compiler.is_compiling():
-            return _outside_compile(self, args, kwargs)
+            return _outside_compile()(self, args, kwargs)
         model = self.original_model
         with running(self):
             if not self.attached_points:
@@ -585,7 +586,7 @@ RESERVED_NAMES = (
 """Names a top-level component cannot take: the bridge's own attributes."""
 
 
-def _outside_compile(bridge: TransformerBridge, args: Any, kwargs: Any) -> Any:
+def _run_eagerly(bridge: TransformerBridge, args: Any, kwargs: Any) -> Any:
     """`bridge._run_model` run eagerly from inside a compiled call."""
     warnings.warn(
         "torch.compile(bridge) runs the HF model eagerly (hooks cannot live in a compiled "
@@ -596,8 +597,13 @@ def _outside_compile(bridge: TransformerBridge, args: Any, kwargs: Any) -> Any:
     return bridge._run_model(*args, **kwargs)
 
 
-_disable: Callable[..., Any] = torch.compiler.disable  # untyped in torch
-_outside_compile = _disable(_outside_compile)
+@functools.cache
+def _outside_compile() -> Callable[..., Any]:
+    """`_run_eagerly`, excluded from compilation. Made on first use: ``torch.compiler.disable``
+    imports torch._dynamo (a second at import time), and only a compiling process needs it."""
+    disable: Callable[..., Any] = torch.compiler.disable  # untyped in torch
+    run: Callable[..., Any] = disable(_run_eagerly)
+    return run
 
 
 def _tokenizer_of(processor: Any) -> Any:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import pickle
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -142,6 +144,22 @@ def test_compiled_models_run_hooks_eagerly_and_exactly(gpt2: tuple[Any, Transfor
         assert torch.equal(bridge.run_with_hooks(ids, fwd_hooks=edit), eager_edit)
         logits, cache = bridge.run_with_cache(ids)
         assert torch.equal(logits, eager_logits) and len(cache) == len(eager_cache)
+
+
+def test_importing_the_bridge_does_not_load_the_compiler() -> None:
+    """Supporting torch.compile costs nothing at import: torch._dynamo takes about a second to
+    import, ten times the whole import of bridge_core (transformers loads it with its modeling
+    code, not with ``import transformers``)."""
+    script = (
+        "import sys, torch, transformers\n"
+        "from bridge_core import TransformerBridge\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
 
 
 def test_a_call_that_fails_adds_nothing(gpt2: tuple[Any, TransformerBridge]) -> None:
