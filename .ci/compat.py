@@ -193,7 +193,11 @@ def table(corners: list[Corner], ranges: dict[str, SpecifierSet]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", action="store_true", help="keep the venvs (for debugging)")
-    parser.add_argument("--pytest-args", default="-q", help="arguments for pytest")
+    parser.add_argument(
+        "--pytest-args",
+        default="",
+        help="arguments for pytest (pyproject's addopts already has -q; -q again hides the counts)",
+    )
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     parser.add_argument("--json", type=Path, help="write every corner's logs to this file")
     parser.add_argument(
@@ -209,13 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         corners = [Corner(*args.only)]
     else:
         ends = {name: released(name, ranges[name]) for name in PINNED}
-        corners = [
-            Corner(str(tf), str(pt))
-            for tf, pt in itertools.product(
-                (ends["transformers"][0], ends["transformers"][-1]),
-                (ends["torch"][0], ends["torch"][-1]),
-            )
-        ]
+        pairs = itertools.product(
+            dict.fromkeys((ends["transformers"][0], ends["transformers"][-1])),
+            dict.fromkeys((ends["torch"][0], ends["torch"][-1])),
+        )  # a range with one release has one end
+        corners = [Corner(str(tf), str(pt)) for tf, pt in pairs]
     for corner in corners:
         print(f"== transformers {corner.transformers}, torch {corner.torch}", flush=True)
         run_corner(corner, args.pytest_args.split(), args.keep)
