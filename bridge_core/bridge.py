@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -13,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from bridge_core import forward_options, tokens
+from bridge_core import compiling, forward_options, tokens
 from bridge_core.cache import ActivationCache
 from bridge_core.components.base import GeneralizedComponent
 from bridge_core.errors import HookNameError, InputError, did_you_mean
@@ -336,7 +334,7 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         compiled without hooks would silently skip hooks attached later.
         """
         if torch.compiler.is_compiling():
-            return _outside_compile()(self, args, kwargs)
+            return compiling.run_outside_compile(self._run_model, args, kwargs)
         model = self.original_model
         with running(self):
             if not self.attached_points:
@@ -584,26 +582,6 @@ RESERVED_NAMES = (
     }
 )
 """Names a top-level component cannot take: the bridge's own attributes."""
-
-
-def _run_eagerly(bridge: TransformerBridge, args: Any, kwargs: Any) -> Any:
-    """`bridge._run_model` run eagerly from inside a compiled call."""
-    warnings.warn(
-        "torch.compile(bridge) runs the HF model eagerly (hooks cannot live in a compiled "
-        "graph); bridge.compile() compiles the model for calls without hooks",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-    return bridge._run_model(*args, **kwargs)
-
-
-@functools.cache
-def _outside_compile() -> Callable[..., Any]:
-    """`_run_eagerly`, excluded from compilation. Made on first use: ``torch.compiler.disable``
-    imports torch._dynamo (a second at import time), and only a compiling process needs it."""
-    disable: Callable[..., Any] = torch.compiler.disable  # untyped in torch
-    run: Callable[..., Any] = disable(_run_eagerly)
-    return run
 
 
 def _tokenizer_of(processor: Any) -> Any:
