@@ -331,6 +331,15 @@ class AdapterSpec(BaseModel):
             ) from exc
 
 
+def spec_files(package: str, folder: str = "specs") -> list[Path]:
+    """The spec files (``*.toml``) that `package` ships in its `folder`, in name order: what a
+    plugin's ``register_adapters`` reads with `AdapterSpec.from_file`."""
+    from importlib.resources import files
+
+    found = files(package).joinpath(folder).iterdir()
+    return sorted(Path(str(p)) for p in found if str(p).endswith(".toml"))
+
+
 def _parse(path: Path, text: str) -> Any:
     if path.suffix not in (".json", ".toml"):
         raise SpecError(f"adapter spec {path} must be a .toml or .json file (got {path.suffix!r})")

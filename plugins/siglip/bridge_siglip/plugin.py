@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from importlib.resources import files
-from pathlib import Path
 from typing import Any
 
 from bridge_core.components import GeneralizedComponent
 from bridge_core.hookspecs import hookimpl
-from bridge_core.spec import AdapterSpec
+from bridge_core.spec import AdapterSpec, spec_files
 from bridge_siglip.components import KINDS
-
-
-def spec_paths() -> list[Path]:
-    """The adapter specs shipped with this package (``specs/*.toml``)."""
-    specs = files("bridge_siglip").joinpath("specs")
-    return sorted(Path(str(p)) for p in specs.iterdir() if str(p).endswith(".toml"))
 
 
 @hookimpl
@@ -28,7 +20,7 @@ def register_components() -> Mapping[str, type[GeneralizedComponent]]:
 @hookimpl
 def register_adapters() -> Iterable[AdapterSpec]:
     """PaliGemma (1 and 2), Gemma-3, Idefics3 / SmolVLM and LLaVA-OneVision, a spec each."""
-    return [AdapterSpec.from_file(path) for path in spec_paths()]
+    return [AdapterSpec.from_file(path) for path in spec_files("bridge_siglip")]
 
 
 @hookimpl
@@ -39,7 +31,6 @@ def resolve_adapter(hf_config: Any) -> AdapterSpec | None:
     if getattr(hf_config, "model_type", None) == "paligemma" and (
         getattr(text, "model_type", None) == "gemma2"
     ):
-        return AdapterSpec.from_file(
-            Path(str(files("bridge_siglip").joinpath("specs"))) / "paligemma2.toml"
-        )
+        (path,) = (p for p in spec_files("bridge_siglip") if p.name == "paligemma2.toml")
+        return AdapterSpec.from_file(path)
     return None

@@ -10,12 +10,12 @@ from torch import nn
 
 from bridge_adapters.tiny import tiny_llama
 from bridge_core import AdapterSpec, SpecError, TransformerBridge, get_registry
+from bridge_core.spec import spec_files
 from bridge_llava.components import (
     CLIPVisionEncoderBridge,
     CLIPVisionEncoderLayerBridge,
     VisionProjectorBridge,
 )
-from bridge_llava.plugin import spec_paths
 from bridge_llava.tiny import tiny_llava
 
 
@@ -101,7 +101,7 @@ def test_config_has_text_and_vision_dimensions(bridge: TransformerBridge) -> Non
 
 
 def test_specs_round_trip() -> None:
-    for path in spec_paths():
+    for path in spec_files("bridge_llava"):
         spec = AdapterSpec.from_file(path)
         assert AdapterSpec.model_validate_json(spec.to_json()) == spec
 
@@ -166,7 +166,7 @@ def test_the_tower_bridges_itself_when_built_standalone(
 
 
 def test_a_spec_can_replace_a_part(llava: tuple[Any, Any]) -> None:
-    data = AdapterSpec.from_file(spec_paths()[0]).model_dump()
+    data = AdapterSpec.from_file(spec_files("bridge_llava")[0]).model_dump()
     data["components"]["vision_encoder"]["submodules"] = {
         "post_layernorm": {"kind": "module", "path": "post_layernorm"}
     }
@@ -182,7 +182,7 @@ def test_a_spec_can_replace_a_part(llava: tuple[Any, Any]) -> None:
 
 
 def test_a_missing_tower_part_is_a_spec_error_naming_it(llava: tuple[Any, Any]) -> None:
-    data = AdapterSpec.from_file(spec_paths()[0]).model_dump()
+    data = AdapterSpec.from_file(spec_files("bridge_llava")[0]).model_dump()
     data["components"]["vision_encoder"]["path"] = "model.multi_modal_projector"
     with pytest.raises(SpecError, match=r"'llava'.*vision_encoder.*vision_encoder.embeddings"):
         TransformerBridge.wrap(llava[0], adapter=AdapterSpec.model_validate(data))
