@@ -39,7 +39,7 @@ from bridge_core.hooks import (
     replace_first,
     snapshot,
 )
-from bridge_core.switches import PREFIX, KernelSwitch
+from bridge_core.switches import PREFIX, KernelSwitch, watch
 
 Which = Literal["scores", "pattern", "rot_q", "rot_k"]
 Kernel = Callable[..., tuple[torch.Tensor, Any]]
@@ -90,7 +90,9 @@ class PatternTap:
                 check_dispatch(self.module)
                 SWITCH.on(self.module)
                 route = _ROUTES[self.module] = Route()
-                route.checks = _watch(self.module, route)
+                route.checks = watch(
+                    self.module, route, functools.partial(_missed, runs=route.runs)
+                )
                 route.kernel = _original_kernel(self.module)
             route.runs.add(self.which, run)
         return _Detach(self.module, self.which, run)
@@ -143,24 +145,11 @@ def _dispatches(cls: type[nn.Module]) -> bool:
     return _DISPATCHING[cls]
 
 
-def _watch(module: nn.Module, route: Route) -> tuple[Handle, ...]:
-    """Hooks that check each forward of `module` reached the router while it is hooked."""
-
-    def before(mod: nn.Module, args: Any) -> None:
-        route.called = False
-
-    def after(mod: nn.Module, args: Any, output: Any) -> None:
-        if route.runs and not route.called:
-            raise BridgeError(
-                f"{type(mod).__name__} ran without calling its attention kernel through "
-                "transformers' AttentionInterface, so its hook_pattern / hook_attn_scores / "
-                f"hook_rot_q/k hooks ({sorted(route.runs)}) could not fire; this module "
-                "cannot offer them"
-            )
-
+def _missed(module: nn.Module, runs: Runs[str]) -> str:
     return (
-        module.register_forward_pre_hook(mark_tap(before), prepend=True),
-        module.register_forward_hook(mark_tap(after)),
+        f"{type(module).__name__} ran without calling its attention kernel through "
+        "transformers' AttentionInterface, so its hook_pattern / hook_attn_scores / "
+        f"hook_rot_q/k hooks ({sorted(runs)}) could not fire; this module cannot offer them"
     )
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
 from bridge_core.errors import BridgeError
+from bridge_core.hooks import Handle, mark_tap
 
 PREFIX = "transformer_bridge|"
 
@@ -103,6 +104,36 @@ class KernelSwitch:
 
     def __post_init__(self) -> None:
         register_attribute(self.attribute)
+
+
+class Watched(Protocol):
+    """A module's route: its attached hook runs, and whether the router saw this forward."""
+
+    called: bool
+
+    @property
+    def runs(self) -> object:
+        """The attached runs: true while any hook point of the module is hooked."""
+
+
+def watch(
+    module: nn.Module, route: Watched, missed: Callable[[nn.Module], str]
+) -> tuple[Handle, ...]:
+    """Hooks that check each forward of `module` reached the router while it has runs: a
+    module that computes its kernel some other way is an error (`missed` says what could not
+    fire), never hooks that silently stay quiet."""
+
+    def before(mod: nn.Module, args: Any) -> None:
+        route.called = False
+
+    def after(mod: nn.Module, args: Any, output: Any) -> None:
+        if route.runs and not route.called:
+            raise BridgeError(missed(mod))
+
+    return (
+        module.register_forward_pre_hook(mark_tap(before), prepend=True),
+        module.register_forward_hook(mark_tap(after)),
+    )
 
 
 _ATTRIBUTES: list[str] = []

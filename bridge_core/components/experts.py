@@ -23,15 +23,16 @@ import inspect
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from functools import partial
+from typing import Literal, cast
 
 import torch
 from torch import nn
 
 from bridge_core.attention import exact_with_grad
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, Run, Runs, mark_tap
-from bridge_core.switches import PREFIX, KernelSwitch
+from bridge_core.hooks import Handle, Run, Runs
+from bridge_core.switches import PREFIX, KernelSwitch, watch
 
 Which = Literal["in", "pre", "pre_linear", "post", "out"]
 ExpertsForward = Callable[..., torch.Tensor]
@@ -70,7 +71,8 @@ class ExpertTap:
             check_experts(self.experts)
             SWITCH.on(self.experts)
             route = _ROUTES[self.experts] = _Route()
-            route.checks = _watch(self.layer, self.experts, route)
+            missed = partial(_missed, experts=self.experts, runs=route.runs)
+            route.checks = watch(self.layer, route, missed)
         route.runs.add((self.expert, self.which), run)
         return _Detach(self.experts, (self.expert, self.which), run)
 
@@ -156,25 +158,12 @@ def _named(module: nn.Module) -> str:
     return f"{type(module).__name__} ({type(module).__module__})"
 
 
-def _watch(layer: nn.Module, experts: nn.Module, route: _Route) -> tuple[Handle, ...]:
-    """Hooks that check each forward of `layer` reached the router while it is hooked."""
-
-    def before(mod: nn.Module, args: Any) -> None:
-        route.called = False
-
-    def after(mod: nn.Module, args: Any, output: Any) -> None:
-        if route.runs and not route.called:
-            hooked = sorted({f"experts.{e}.hook_{w}" for e, w in route.runs})
-            raise BridgeError(
-                f"{type(mod).__name__} ran without calling {_named(experts)} through "
-                "transformers' ExpertsInterface, so its per-expert hooks "
-                f"({hooked[:4]}{' ...' if len(hooked) > 4 else ''}) could not fire; this "
-                "layer cannot offer them"
-            )
-
+def _missed(layer: nn.Module, experts: nn.Module, runs: Runs[tuple[int, Which]]) -> str:
+    hooked = sorted({f"experts.{e}.hook_{w}" for e, w in runs})
     return (
-        layer.register_forward_pre_hook(mark_tap(before), prepend=True),
-        layer.register_forward_hook(mark_tap(after)),
+        f"{type(layer).__name__} ran without calling {_named(experts)} through transformers' "
+        f"ExpertsInterface, so its per-expert hooks ({hooked[:4]}"
+        f"{' ...' if len(hooked) > 4 else ''}) could not fire; this layer cannot offer them"
     )
 
 
