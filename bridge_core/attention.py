@@ -19,10 +19,8 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-import threading
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import torch
@@ -31,6 +29,8 @@ from torch import nn
 from bridge_core.errors import BridgeError
 from bridge_core.hooks import (
     Handle,
+    Route,
+    Routes,
     Run,
     Runs,
     changed_since,
@@ -48,28 +48,24 @@ _DISPATCH = "ALL_ATTENTION_FUNCTIONS"
 
 
 @dataclass
-class Route:
+class _Route(Route[str]):
     """The hook runs of one hooked attention module, and whether the router saw its call.
 
     Each attached point adds its run (two bridges over one model each add theirs; a point's
     run does nothing in another bridge's forward), in order; they run one after the other.
     """
 
-    runs: Runs[str] = field(default_factory=Runs)
     called: bool = False
-    checks: tuple[Handle, ...] = ()
     kernel: Kernel | None = None  # the module's own kernel, looked up once when hooked
 
-    def through(self, which: str, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` through every run attached for `which`."""
-        return self.runs[which](tensor) if which in self.runs else tensor
+    def release(self, module: nn.Module) -> None:
+        """The module's last: its config goes back to its own kernel."""
+        super().release(module)
+        SWITCH.off(module)
 
 
 # attention module -> its route
-_ROUTES: weakref.WeakKeyDictionary[nn.Module, Route] = weakref.WeakKeyDictionary()
-
-
-_LOCK = threading.RLock()  # routes and switches are shared by every bridge and thread
+_ROUTES: Routes[_Route] = Routes()
 
 
 @dataclass(frozen=True)
@@ -84,37 +80,16 @@ class PatternTap:
     which: Which
 
     def attach(self, run: Run) -> Handle:
-        with _LOCK:
-            route = _ROUTES.get(self.module)
-            if route is None:  # the module's first hooked tap: check it and switch its config
-                check_dispatch(self.module)
-                SWITCH.on(self.module)
-                route = _ROUTES[self.module] = Route()
-                route.checks = watch(
-                    self.module, route, functools.partial(_missed, runs=route.runs)
-                )
-                route.kernel = _original_kernel(self.module)
-            route.runs.add(self.which, run)
-        return _Detach(self.module, self.which, run)
+        return _ROUTES.attach(self.module, self.which, run, self._first)
 
-
-@dataclass(frozen=True)
-class _Detach:
-    module: nn.Module
-    which: Which
-    run: Run
-
-    def remove(self) -> None:
-        with _LOCK:
-            route = _ROUTES.get(self.module)
-            if route is None:
-                return
-            route.runs.discard(self.which, self.run)
-            if not route.runs:  # the module's last: its config goes back to its own kernel
-                for handle in route.checks:
-                    handle.remove()
-                _ROUTES.pop(self.module, None)
-                SWITCH.off(self.module)
+    def _first(self) -> _Route:
+        """The module's first hooked tap: check it and switch its config."""
+        check_dispatch(self.module)
+        SWITCH.on(self.module)
+        route = _Route()
+        route.handles = watch(self.module, route, functools.partial(_missed, runs=route.runs))
+        route.kernel = _original_kernel(self.module)
+        return route
 
 
 def check_dispatch(module: nn.Module) -> None:
@@ -252,7 +227,7 @@ def exact_with_grad(exact: torch.Tensor, differentiable: torch.Tensor) -> torch.
     return exact.detach() + (differentiable - differentiable.detach())
 
 
-def _through_heads(route: Route, which: str, states: torch.Tensor) -> torch.Tensor:
+def _through_heads(route: Route[str], which: str, states: torch.Tensor) -> torch.Tensor:
     """Run hooks on a kernel input ``[batch, head, pos, d]``, shown as ``[batch, pos, head, d]``."""
     shown = states.transpose(1, 2)
     new = route.through(which, shown)
@@ -264,7 +239,7 @@ def hooked_pattern(
     query: torch.Tensor,
     key: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    route: Route,
+    route: Route[str],
     scaling: float | None = None,
     softcap: float | None = None,
     is_causal: bool | None = None,
@@ -302,7 +277,9 @@ def hooked_pattern(
     return pattern, edited, replaced
 
 
-def _through(route: Route, which: str, tensor: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
+def _through(
+    route: Route[str], which: str, tensor: torch.Tensor
+) -> tuple[torch.Tensor, bool, bool]:
     """Run the hooks on `tensor`: (the result, whether they changed it, whether it is another).
 
     Changed means in place, or returned an unequal tensor; a returned tensor equal to the

@@ -19,6 +19,7 @@ import functools
 import re
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -183,6 +184,73 @@ class Runs(Generic[K]):
     def items(self) -> list[tuple[K, Run]]:
         """(key, its runs as one) pairs."""
         return [(key, self[key]) for key in list(self._by)]
+
+
+@dataclass
+class Route(Generic[K]):
+    """What one HF module's shared tap holds: the attached runs, and the PyTorch hooks
+    (`handles`) the first attach registered; `release` undoes that first attach."""
+
+    runs: Runs[K] = field(default_factory=Runs)
+    handles: tuple[Handle, ...] = ()
+
+    def through(self, key: K, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` through every run attached under `key`."""
+        return self.runs[key](tensor) if key in self.runs else tensor
+
+    def release(self, module: nn.Module) -> None:
+        """The module's last run is gone: remove its PyTorch hooks (kinds that switched its
+        kernel switch it back too)."""
+        for handle in self.handles:
+            handle.remove()
+
+
+R = TypeVar("R", bound=Route[Any])
+
+
+class Routes(Generic[R]):
+    """The routes of one kind of shared tap, by HF module, shared by every bridge and thread:
+    the first attach of a module makes its route, the last detach releases it."""
+
+    def __init__(self) -> None:
+        self._by: weakref.WeakKeyDictionary[nn.Module, R] = weakref.WeakKeyDictionary()
+        self._lock = threading.RLock()
+
+    def get(self, module: nn.Module) -> R | None:
+        """The module's route while any of its taps is attached."""
+        return self._by.get(module)
+
+    def attach(self, module: nn.Module, key: Any, run: Run, first: Callable[[], R]) -> Handle:
+        """Attach `run` under `key`; `first()` makes the route (checks, hooks, switches) when
+        the module has none, and if it raises, nothing is left behind."""
+        with self._lock:
+            route = self._by.get(module)
+            if route is None:
+                route = self._by[module] = first()
+            route.runs.add(key, run)
+        return _Detach(self, module, key, run)
+
+    def detach(self, module: nn.Module, key: Any, run: Run) -> None:
+        """Remove one attachment; the module's last releases its route."""
+        with self._lock:
+            route = self._by.get(module)
+            if route is None:
+                return
+            route.runs.discard(key, run)
+            if not route.runs:
+                del self._by[module]
+                route.release(module)
+
+
+@dataclass(frozen=True)
+class _Detach:
+    routes: Routes[Any]
+    module: nn.Module
+    key: Any
+    run: Run
+
+    def remove(self) -> None:
+        self.routes.detach(self.module, self.key, self.run)
 
 
 def _chain(runs: list[Run], tensor: torch.Tensor) -> torch.Tensor:

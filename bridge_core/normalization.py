@@ -17,7 +17,6 @@ of the normalized value is what ``hook_out`` sees, whatever order the hooks were
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,8 +27,9 @@ from bridge_core.attention import exact_with_grad
 from bridge_core.errors import BridgeError
 from bridge_core.hooks import (
     Handle,
+    Route,
+    Routes,
     Run,
-    Runs,
     changed_since,
     first_tensor,
     mark_tap,
@@ -97,13 +97,11 @@ def norm_math(module: nn.Module, options: dict[str, Any], config: Any) -> NormMa
 
 
 @dataclass
-class _Route:
-    math: NormMath
-    runs: Runs[str] = field(default_factory=Runs)
-    handle: Handle | None = None
+class _Route(Route[str]):
+    math: NormMath = field(kw_only=True)
 
 
-_ROUTES: weakref.WeakKeyDictionary[nn.Module, _Route] = weakref.WeakKeyDictionary()
+_ROUTES: Routes[_Route] = Routes()
 
 
 @dataclass(frozen=True)
@@ -115,29 +113,13 @@ class NormTap:
     math: NormMath
 
     def attach(self, run: Run) -> Handle:
-        route = _ROUTES.get(self.module)
-        if route is None:
-            route = _ROUTES[self.module] = _Route(self.math)
-        route.runs.add(self.which, run)
-        if route.handle is None:
-            route.handle = self.module.register_forward_hook(mark_tap(_hook(route)), prepend=True)
-        return _Detach(self.module, self.which, run)
+        return _ROUTES.attach(self.module, self.which, run, self._first)
 
-
-@dataclass(frozen=True)
-class _Detach:
-    module: nn.Module
-    which: Which
-    run: Run
-
-    def remove(self) -> None:
-        route = _ROUTES.get(self.module)
-        if route is None:
-            return
-        route.runs.discard(self.which, self.run)
-        if not route.runs and route.handle is not None:
-            route.handle.remove()
-            _ROUTES.pop(self.module, None)
+    def _first(self) -> _Route:
+        route = _Route(math=self.math)
+        hook = mark_tap(_hook(route))
+        route.handles = (self.module.register_forward_hook(hook, prepend=True),)
+        return route
 
 
 def _hook(route: _Route) -> Any:

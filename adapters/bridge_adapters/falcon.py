@@ -25,10 +25,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from bridge_core.attention import Route, exact_with_grad, hooked_pattern
+from bridge_core.attention import exact_with_grad, hooked_pattern
 from bridge_core.components.standard import JointQKVAttentionBridge
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, Run, Runs, changed_since, mark_tap, snapshot
+from bridge_core.hooks import Handle, Route, Run, Runs, changed_since, mark_tap, snapshot
 from bridge_core.views import Reshape, ViewTap
 
 _KINDS = ("rot_q", "rot_k", "scores", "pattern")
@@ -104,7 +104,7 @@ class _Kernel:
         q, k, v = self._qkv()
         q, q_edited, q_other = _through_heads(self.runs.get("rot_q"), q)
         k, k_edited, k_other = _through_heads(self.runs.get("rot_k"), k)
-        route = Route()
+        route: Route[str] = Route()
         for which in ("scores", "pattern"):
             if which in self.runs:
                 route.runs.add(which, self.runs[which])

@@ -20,9 +20,8 @@ end of its layer's forward, so a per-expert hook never silently fails to fire.
 from __future__ import annotations
 
 import inspect
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Literal, cast
 
@@ -31,7 +30,7 @@ from torch import nn
 
 from bridge_core.attention import exact_with_grad
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, Run, Runs
+from bridge_core.hooks import Handle, Route, Routes, Run, Runs
 from bridge_core.switches import PREFIX, KernelSwitch, watch
 
 Which = Literal["in", "pre", "pre_linear", "post", "out"]
@@ -41,15 +40,18 @@ _SUPPORTED = ("eager", "grouped_mm", "batched_mm")
 
 
 @dataclass
-class _Route:
+class _Route(Route[tuple[int, Which]]):
     """The hook runs of one hooked experts module, by (expert, activation)."""
 
-    runs: Runs[tuple[int, Which]] = field(default_factory=Runs)
     called: bool = False
-    checks: tuple[Handle, ...] = ()
+
+    def release(self, module: nn.Module) -> None:
+        """The module's last: its config goes back to its own implementation."""
+        super().release(module)
+        SWITCH.off(module)
 
 
-_ROUTES: weakref.WeakKeyDictionary[nn.Module, _Route] = weakref.WeakKeyDictionary()
+_ROUTES: Routes[_Route] = Routes()
 
 
 @dataclass(frozen=True)
@@ -66,33 +68,16 @@ class ExpertTap:
     which: Which
 
     def attach(self, run: Run) -> Handle:
-        route = _ROUTES.get(self.experts)
-        if route is None:  # the module's first hooked tap: check it and switch its config
-            check_experts(self.experts)
-            SWITCH.on(self.experts)
-            route = _ROUTES[self.experts] = _Route()
-            missed = partial(_missed, experts=self.experts, runs=route.runs)
-            route.checks = watch(self.layer, route, missed)
-        route.runs.add((self.expert, self.which), run)
-        return _Detach(self.experts, (self.expert, self.which), run)
+        return _ROUTES.attach(self.experts, (self.expert, self.which), run, self._first)
 
-
-@dataclass(frozen=True)
-class _Detach:
-    experts: nn.Module
-    key: tuple[int, Which]
-    run: Run
-
-    def remove(self) -> None:
-        route = _ROUTES.get(self.experts)
-        if route is None:
-            return
-        route.runs.discard(self.key, self.run)
-        if not route.runs:
-            for handle in route.checks:
-                handle.remove()
-            _ROUTES.pop(self.experts, None)
-            SWITCH.off(self.experts)
+    def _first(self) -> _Route:
+        """The module's first hooked tap: check it and switch its config."""
+        check_experts(self.experts)
+        SWITCH.on(self.experts)
+        route = _Route()
+        missed = partial(_missed, experts=self.experts, runs=route.runs)
+        route.handles = watch(self.layer, route, missed)
+        return route
 
 
 def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,9 +12,8 @@ routed.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -24,7 +23,7 @@ from bridge_core.attention import exact_with_grad
 from bridge_core.components.base import GeneralizedComponent, Shape
 from bridge_core.components.experts import ExpertTap, Which, expert_weights
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, HookPoint, Run, Runs, mark_tap
+from bridge_core.hooks import Handle, HookPoint, Route, Routes, Run, mark_tap
 from bridge_core.views import Tokens, ViewTap
 
 RouterOutput = Literal["logits", "weights", "indices"]
@@ -33,15 +32,10 @@ ROUTED: Shape = ("routed", "d_model")
 ROUTED_HIDDEN: Shape = ("routed", "d_mlp")
 
 
-@dataclass
-class _RouterRoute:
-    """The hook runs on one router module's outputs, and the forward hook that runs them."""
+_RouterRoute = Route[RouterOutput]
+"""The hook runs on one router module's outputs, and the forward hook that runs them."""
 
-    runs: Runs[RouterOutput] = field(default_factory=Runs)
-    handle: Handle | None = None
-
-
-_ROUTERS: weakref.WeakKeyDictionary[nn.Module, _RouterRoute] = weakref.WeakKeyDictionary()
+_ROUTERS: Routes[_RouterRoute] = Routes()
 
 
 @dataclass(frozen=True)
@@ -59,31 +53,13 @@ class RouterTap:
     which: RouterOutput
 
     def attach(self, run: Run) -> Handle:
-        route = _ROUTERS.setdefault(self.router, _RouterRoute())
-        if route.handle is None:
-            route.handle = self.router.register_forward_hook(
-                mark_tap(lambda module, args, output: _on_router(route, module, output)),
-                prepend=True,
-            )
-        route.runs.add(self.which, run)
-        return _RouterDetach(self.router, self.which, run)
+        return _ROUTERS.attach(self.router, self.which, run, self._first)
 
-
-@dataclass(frozen=True)
-class _RouterDetach:
-    router: nn.Module
-    which: RouterOutput
-    run: Run
-
-    def remove(self) -> None:
-        route = _ROUTERS.get(self.router)
-        if route is None:
-            return
-        route.runs.discard(self.which, self.run)
-        if not route.runs:
-            if route.handle is not None:
-                route.handle.remove()
-            _ROUTERS.pop(self.router, None)
+    def _first(self) -> _RouterRoute:
+        route: _RouterRoute = Route()
+        hook = mark_tap(lambda module, args, output: _on_router(route, module, output))
+        route.handles = (self.router.register_forward_hook(hook, prepend=True),)
+        return route
 
 
 def _on_router(route: _RouterRoute, router: nn.Module, output: Any) -> Any:
