@@ -29,16 +29,14 @@ from torch import nn
 from bridge_core.errors import BridgeError
 from bridge_core.hooks import (
     Handle,
-    Route,
-    Routes,
     Run,
-    Runs,
     changed_since,
     first_tensor,
     mark_tap,
     replace_first,
     snapshot,
 )
+from bridge_core.routes import Route, Routes, Runs
 from bridge_core.switches import PREFIX, KernelSwitch, watch
 
 Which = Literal["scores", "pattern", "rot_q", "rot_k"]

@@ -27,8 +27,6 @@ from bridge_core.attention import exact_with_grad
 from bridge_core.errors import BridgeError
 from bridge_core.hooks import (
     Handle,
-    Route,
-    Routes,
     Run,
     changed_since,
     first_tensor,
@@ -36,6 +34,7 @@ from bridge_core.hooks import (
     replace_first,
     snapshot,
 )
+from bridge_core.routes import Route, Routes
 
 Which = Literal["scale", "normalized", "out"]
 Kind = Literal["LN", "RMS"]

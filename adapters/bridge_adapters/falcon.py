@@ -28,7 +28,8 @@ from torch import nn
 from bridge_core.attention import exact_with_grad, hooked_pattern
 from bridge_core.components.standard import JointQKVAttentionBridge
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, Route, Run, Runs, changed_since, mark_tap, snapshot
+from bridge_core.hooks import Handle, Run, changed_since, mark_tap, snapshot
+from bridge_core.routes import Route, Runs
 from bridge_core.views import Reshape, ViewTap
 
 _KINDS = ("rot_q", "rot_k", "scores", "pattern")

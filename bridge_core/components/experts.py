@@ -30,7 +30,8 @@ from torch import nn
 
 from bridge_core.attention import exact_with_grad
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, Route, Routes, Run, Runs
+from bridge_core.hooks import Handle, Run
+from bridge_core.routes import Route, Routes, Runs
 from bridge_core.switches import PREFIX, KernelSwitch, watch
 
 Which = Literal["in", "pre", "pre_linear", "post", "out"]

@@ -23,7 +23,8 @@ from bridge_core.attention import exact_with_grad
 from bridge_core.components.base import GeneralizedComponent, Shape
 from bridge_core.components.experts import ExpertTap, Which, expert_weights
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, HookPoint, Route, Routes, Run, mark_tap
+from bridge_core.hooks import Handle, HookPoint, Run, mark_tap
+from bridge_core.routes import Route, Routes
 from bridge_core.views import Tokens, ViewTap
 
 RouterOutput = Literal["logits", "weights", "indices"]
