@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from transformers import GPT2LMHeadModel
 
 from bridge_adapters import tiny
 from bridge_core import TransformerBridge
@@ -80,3 +82,14 @@ def fresh_registry() -> Iterator[None]:
     reset_registry()
     yield
     reset_registry()
+
+
+class ResearchGPT2(GPT2LMHeadModel):
+    """A GPT-2 subclass under a new architecture name, as a research fork would ship it."""
+
+
+@pytest.fixture
+def research_gpt2(text_models: dict[str, tuple[Any, Any]]) -> tuple[GPT2LMHeadModel, Any]:
+    """A tiny model whose architecture ("ResearchGPT2") no built-in adapter claims."""
+    model, tokenizer = text_models["gpt2"]
+    return tiny.init_model(ResearchGPT2, copy.deepcopy(model.config), seed=1), tokenizer
