@@ -130,7 +130,7 @@ def add_position_ids(inputs: dict[str, Any], accepted: frozenset[str], model: nn
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or "position_ids" not in accepted:
         return
     can_generate = getattr(model, "can_generate", None)
-    if not callable(can_generate) or not can_generate() or _own_positions(model):
+    if not callable(can_generate) or not can_generate() or _own_positions(type(model)):
         return
     if any(inputs.get(key) is not None for key in skip):
         return
@@ -144,13 +144,20 @@ def add_position_ids(inputs: dict[str, Any], accepted: frozenset[str], model: nn
         inputs["position_ids"] = default
 
 
-def _own_positions(model: nn.Module) -> bool:
-    """Whether the model's class prepares its own position ids for `generate`."""
-    from transformers import GenerationMixin
+_OWN_POSITIONS: dict[type, bool] = {}
 
-    name = "_prepare_position_ids_for_generation"
-    base, own = getattr(GenerationMixin, name, None), getattr(type(model), name, None)
-    return base is not None and own is not None and own is not base
+
+def _own_positions(model_class: type) -> bool:
+    """Whether the model class prepares its own position ids for `generate` (asked on every
+    forward, so answered once per class)."""
+    known = _OWN_POSITIONS.get(model_class)
+    if known is None:
+        from transformers import GenerationMixin
+
+        name = "_prepare_position_ids_for_generation"
+        base, own = getattr(GenerationMixin, name, None), getattr(model_class, name, None)
+        known = _OWN_POSITIONS[model_class] = base is not None and own not in (None, base)
+    return known
 
 
 def lm_labels(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
