@@ -32,7 +32,7 @@ from bridge_core.hooks import (
     Run,
     changed_since,
     first_tensor,
-    mark_tap,
+    forward_hook,
     replace_first,
     snapshot,
 )
@@ -374,7 +374,7 @@ class ResultTap:
             summed = summed.to(exact.dtype)
             return replace_first(output, summed if edited else exact_with_grad(exact, summed))
 
-        return self.module.register_forward_hook(mark_tap(hook), prepend=True)
+        return forward_hook(self.module, hook)
 
 
 def patterns_active() -> bool:

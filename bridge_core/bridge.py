@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -508,14 +507,17 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
     ) -> tuple[Any, dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
         """Run with recording hooks: (output, one tensor per key, repeated calls)."""
         recorder = Recorder(device, remove_batch_dim)
-        points = self._names.points
-        fwd = [(n, recorder.saver(n, points[n])) for n in selected]
-        bwd = [(n, recorder.saver(f"{n}_grad", points[n])) for n in selected] if incl_bwd else []
-        grad = torch.enable_grad() if incl_bwd else contextlib.nullcontext()
-        with grad, self.hooks(fwd, bwd, clear_contexts=clear_contexts):  # also under no_grad()
-            output = self._eager_call(*args, **kwargs)
-            if incl_bwd:
-                run_backward(output, metric)
+        points = [self._names.points[n] for n in selected]
+        fwd = [(p, recorder.saver(n, p)) for n, p in zip(selected, points, strict=True)]
+        if not incl_bwd:
+            with self._attached(fwd, clear_contexts=clear_contexts):
+                output = self._eager_call(*args, **kwargs)
+            store, calls = recorder.finish()  # in `selected` order: the savers' order
+            return output, store, calls
+        bwd = [(p, recorder.saver(f"{n}_grad", p)) for n, p in zip(selected, points, strict=True)]
+        with torch.enable_grad(), self._attached(fwd, bwd, clear_contexts=clear_contexts):
+            output = self._eager_call(*args, **kwargs)  # gradients also under no_grad()
+            run_backward(output, metric)
         store, calls = recorder.finish()
         order = {n: i for i, n in enumerate(selected)}
         ordered = dict(

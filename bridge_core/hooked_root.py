@@ -177,22 +177,34 @@ class HookedRoot(nn.Module):
         fwd = self._names.select_hooks(fwd_hooks, "fwd_hooks")  # check all pairs first
         bwd = self._names.select_hooks(bwd_hooks, "bwd_hooks")
         points = self._names.points
+        with self._attached(
+            [(points[n], fn) for names, fn in fwd for n in names],
+            [(points[n], fn) for names, fn in bwd for n in names],
+            reset_hooks_end,
+            clear_contexts,
+        ):
+            yield self
+
+    @contextmanager
+    def _attached(
+        self,
+        fwd: Sequence[tuple[HookPoint, HookFn]],
+        bwd: Sequence[tuple[HookPoint, HookFn]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+    ) -> Iterator[None]:
+        """`hooks` on (hook point, function) pairs already checked."""
         handles: list[HookHandle] = []
         self.context_level += 1
         level = self.context_level
         with hook_scope() as token:  # scoped: these hooks run only in this context's calls
             scope = token if reset_hooks_end else None  # kept ones run in every forward
             try:
-                directions: tuple[tuple[Literal["fwd", "bwd"], Any], ...] = (
-                    ("fwd", fwd),
-                    ("bwd", bwd),
-                )
-                for direction, pairs in directions:
-                    for names, fn in pairs:
-                        for n in names:
-                            point = points[n]
-                            handles.append(point.add_hook(fn, direction, scope=scope, level=level))
-                yield self
+                for point, fn in fwd:
+                    handles.append(point.add_hook(fn, "fwd", scope=scope, level=level))
+                for point, fn in bwd:
+                    handles.append(point.add_hook(fn, "bwd", scope=scope, level=level))
+                yield
             finally:
                 self.context_level -= 1
                 if reset_hooks_end:

@@ -15,6 +15,7 @@ points of other bridges over the same HF model stay silent.
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import warnings
@@ -86,6 +87,54 @@ def strip_taps(model: nn.Module) -> None:
                 del hooks[key]
                 for flag in flags:
                     flag.pop(key, None)
+
+
+_KEYS = itertools.count(-1, -1)  # PyTorch numbers its own hooks from 0 up: ours never collide
+
+
+@dataclass(eq=False, slots=True)
+class TorchHook:
+    """A PyTorch module hook that a tap registered (`forward_hook`, `forward_pre_hook`)."""
+
+    hooks: dict[int, Any]
+    key: int
+    flags: dict[int, bool] | None = None
+
+    def remove(self) -> None:
+        """Unregister the hook (idempotent)."""
+        self.hooks.pop(self.key, None)
+        if self.flags is not None:
+            self.flags.pop(self.key, None)
+
+
+def forward_hook(module: nn.Module, fn: Callable[..., Any], prepend: bool = True) -> TorchHook:
+    """Register `fn` as a forward hook of `module` (first, unless not `prepend`), marked as a
+    tap's (`mark_tap`).
+
+    What ``register_forward_hook(fn, prepend=prepend)`` does, without the handle's weak
+    references: taps are attached and removed on every hooked call, hundreds per forward.
+    """
+    return _register(module._forward_hooks, fn, prepend)
+
+
+def forward_pre_hook(
+    module: nn.Module, fn: Callable[..., Any], with_kwargs: bool = True, prepend: bool = True
+) -> TorchHook:
+    """Register `fn` as a forward pre-hook of `module` (called with the keyword arguments
+    unless not `with_kwargs`; first unless not `prepend`), marked as a tap's."""
+    hook = _register(module._forward_pre_hooks, fn, prepend)
+    if with_kwargs:
+        hook.flags = module._forward_pre_hooks_with_kwargs
+        hook.flags[hook.key] = True
+    return hook
+
+
+def _register(hooks: Any, fn: Callable[..., Any], prepend: bool) -> TorchHook:
+    key = next(_KEYS)
+    hooks[key] = mark_tap(fn)
+    if prepend:
+        hooks.move_to_end(key, last=False)  # an OrderedDict (typed as a dict in torch)
+    return TorchHook(hooks, key)
 
 
 _PLAIN_STATE = frozenset(
@@ -173,7 +222,7 @@ class OutputTap:
             new = run(tensor)
             return None if new is tensor else replace_first(output, new)
 
-        return self.module.register_forward_hook(mark_tap(hook), prepend=True)
+        return forward_hook(self.module, hook)
 
 
 @dataclass(frozen=True)
@@ -192,7 +241,7 @@ class InputTap:
             new = run(kwargs[name])
             return None if new is kwargs[name] else (args, {**kwargs, name: new})
 
-        return self.module.register_forward_pre_hook(mark_tap(hook), with_kwargs=True, prepend=True)
+        return forward_pre_hook(self.module, hook)
 
     def _keyword(self, kwargs: dict[str, Any]) -> str:
         if isinstance(kwargs.get(self.arg), torch.Tensor):
@@ -371,7 +420,7 @@ class HookPoint(nn.Module):
         hook = _Hook(fn, is_permanent, scope, level)
         with self._lock:
             if self._attached is None:  # attach first: if the tap refuses, nothing is left
-                self._attached = self._tap.attach(self._run)
+                self.__dict__["_attached"] = self._tap.attach(self._run)
                 _count(self.owner, +1)
             hooks = self._fwd if dir == "fwd" else self._bwd
             hooks.insert(0, hook) if prepend else hooks.append(hook)
@@ -444,9 +493,10 @@ class HookPoint(nn.Module):
             hooks = self._fwd if direction == "fwd" else self._bwd
             if hook in hooks:
                 hooks.remove(hook)
-            if not (self._fwd or self._bwd) and self._attached is not None:
-                self._attached.remove()
-                self._attached = None
+            attached = self._attached
+            if attached is not None and not (self._fwd or self._bwd):
+                attached.remove()
+                self.__dict__["_attached"] = None
                 _count(self.owner, -1)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from bridge_core.hooks import (
     Run,
     changed_since,
     first_tensor,
-    mark_tap,
+    forward_hook,
     replace_first,
     snapshot,
 )
@@ -116,8 +116,8 @@ class NormTap:
 
     def _first(self) -> _Route:
         route = _Route(math=self.math)
-        hook = mark_tap(_hook(route))
-        route.handles = (self.module.register_forward_hook(hook, prepend=True),)
+        hook = _hook(route)
+        route.handles = (forward_hook(self.module, hook),)
         return route
 
 

@@ -12,7 +12,7 @@ A point found changed although it was thought safe is an error, never a silently
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,13 +21,9 @@ import torch
 from bridge_core.errors import BridgeError, InputError
 from bridge_core.hooks import HookFn, HookPoint
 
-
-@dataclass(slots=True)
-class _Saved:
-    value: torch.Tensor
-    original: torch.Tensor | None  # the live tensor, when its version is to be checked
-    version: int = 0
-    copied: bool = False
+# a saved call: (the value kept, the live tensor whose version is checked or None, its
+# version when saved, whether the value is a copy); a tuple, as hundreds are made per forward
+_Saved = tuple[torch.Tensor, torch.Tensor | None, int, bool]
 
 
 @dataclass
@@ -48,11 +44,21 @@ class Recorder:
         """A hook that saves what `point` sees under `key` (``name`` or ``name_grad``)."""
         self._points[key] = point
         calls = self._saved.setdefault(key, [])
+        if self.device is not None or self.remove_batch_dim:
 
-        def save(tensor: torch.Tensor, hook: HookPoint) -> None:
-            calls.append(self._save(tensor, point))
+            def save(tensor: torch.Tensor, hook: HookPoint) -> None:
+                calls.append(self._save(tensor, point))
 
-        return save
+            return save
+
+        def save_here(tensor: torch.Tensor, hook: HookPoint) -> None:
+            value = tensor.detach() if tensor.requires_grad else tensor
+            if point.copy_on_cache is False and not value.is_inference():
+                calls.append((value, value, value._version, False))  # the common case
+            else:
+                calls.append(_kept(value, point))
+
+        return save_here
 
     def _save(self, tensor: torch.Tensor, point: HookPoint) -> _Saved:
         value = tensor.detach() if tensor.requires_grad else tensor
@@ -64,12 +70,8 @@ class Recorder:
                 )
             value = value[0]
         if self.device is not None and value.device != torch.device(self.device):
-            return _Saved(value.to(self.device), None, copied=True)  # a copy already
-        if value.is_inference():
-            return _Saved(value.clone(), None, copied=True)
-        if point.copy_on_cache is False:
-            return _Saved(value, value, value._version)
-        return _Saved(value.clone(), value, value._version, copied=True)
+            return value.to(self.device), None, 0, True  # a copy already
+        return _kept(value, point)
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
         """(one tensor per key, every call of keys that fired more than once).
@@ -87,27 +89,43 @@ class Recorder:
                 continue
             point = self._points[key]
             self._learn(key, point, saved)
-            values = [s.value for s in saved]
-            if len(values) == 1:
-                tensors[key] = values[0]
+            if len(saved) == 1:
+                tensors[key] = saved[0][0]
                 continue
-            calls[key] = values
+            values = calls[key] = [s[0] for s in saved]
             combined = _combine(values, point.collect)
             if combined is not None:
                 tensors[key] = combined
         return tensors, calls
 
-    def _learn(self, key: str, point: HookPoint, saved: Iterable[_Saved]) -> None:
-        changed = [s for s in saved if s.original is not None and s.original._version != s.version]
-        if any(not s.copied for s in changed):
-            point.copy_on_cache = True
-            raise BridgeError(
-                f"the model changed {key!r} in place after it was cached, so the cached value "
-                "is not the activation; the bridge copies it from now on: run again"
-            )
-        checked = [s for s in saved if s.original is not None]
-        if checked and point.copy_on_cache is None:
-            point.copy_on_cache = bool(changed)
+    def _learn(self, key: str, point: HookPoint, saved: list[_Saved]) -> None:
+        known = point.copy_on_cache
+        changed = checked = False
+        for _, original, version, copied in saved:
+            if original is None:
+                continue
+            checked = True
+            if original._version != version:
+                if not copied:
+                    point.copy_on_cache = True
+                    raise BridgeError(
+                        f"the model changed {key!r} in place after it was cached, so the "
+                        "cached value is not the activation; the bridge copies it from now "
+                        "on: run again"
+                    )
+                changed = True
+        if checked and known is None:
+            point.copy_on_cache = changed
+
+
+def _kept(value: torch.Tensor, point: HookPoint) -> _Saved:
+    """How `value` (of `point`) is kept: live while the model is known to leave it as it is,
+    else copied (and its version checked, to learn whether copying was needed)."""
+    if value.is_inference():
+        return value.clone(), None, 0, True  # no version counter: always a copy
+    if point.copy_on_cache is False:
+        return value, value, value._version, False
+    return value.clone(), value, value._version, True
 
 
 def _combine(values: list[torch.Tensor], collect: str) -> torch.Tensor | None:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, mark_tap
+from bridge_core.hooks import Handle, forward_hook, forward_pre_hook
 
 PREFIX = "transformer_bridge|"
 
@@ -131,8 +131,8 @@ def watch(
             raise BridgeError(missed(mod))
 
     return (
-        module.register_forward_pre_hook(mark_tap(before), prepend=True),
-        module.register_forward_hook(mark_tap(after)),
+        forward_pre_hook(module, before, with_kwargs=False),
+        forward_hook(module, after, prepend=False),
     )
 
 

@@ -18,7 +18,14 @@ import torch
 from torch import nn
 
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, Run, Tap, changed_since, mark_tap, snapshot
+from bridge_core.hooks import (
+    Handle,
+    Run,
+    Tap,
+    changed_since,
+    forward_pre_hook,
+    snapshot,
+)
 
 
 class Step(Protocol):
@@ -183,11 +190,7 @@ class ViewTap:
                 new = step.put(whole, new)
             return new
 
-        recorders = [
-            s.source.register_forward_pre_hook(mark_tap(s.record), with_kwargs=True, prepend=True)
-            for s in steps
-            if isinstance(s, Tokens)
-        ]
+        recorders = [forward_pre_hook(s.source, s.record) for s in steps if isinstance(s, Tokens)]
         try:
             inner = self.inner.attach(run_view)
         except BaseException:

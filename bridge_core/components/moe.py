@@ -23,7 +23,7 @@ from bridge_core.attention import exact_with_grad
 from bridge_core.components.base import GeneralizedComponent, Shape
 from bridge_core.components.experts import ExpertTap, Which, expert_weights
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, HookPoint, Run, mark_tap
+from bridge_core.hooks import Handle, HookPoint, Run, forward_hook
 from bridge_core.routes import Route, Routes
 from bridge_core.views import Tokens, ViewTap
 
@@ -58,8 +58,11 @@ class RouterTap:
 
     def _first(self) -> _RouterRoute:
         route: _RouterRoute = Route()
-        hook = mark_tap(lambda module, args, output: _on_router(route, module, output))
-        route.handles = (self.router.register_forward_hook(hook, prepend=True),)
+
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            return _on_router(route, module, output)
+
+        route.handles = (forward_hook(self.router, hook),)
         return route
 
 

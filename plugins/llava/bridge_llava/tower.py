@@ -25,7 +25,13 @@ from bridge_core.components import (
 )
 from bridge_core.components.base import Shape
 from bridge_core.errors import InputError
-from bridge_core.hooks import Handle, Run, first_tensor, mark_tap, replace_first
+from bridge_core.hooks import (
+    Handle,
+    Run,
+    first_tensor,
+    forward_hook,
+    replace_first,
+)
 from bridge_llava import vision
 from bridge_llava.vision import FeatureLayer, Strategy
 
@@ -155,7 +161,7 @@ class TowerOutputTap:
                 output["hidden_states"] = (*hidden[:-1], new)
             return replace_first(output, new)
 
-        return self.module.register_forward_hook(mark_tap(hook), prepend=True)
+        return forward_hook(self.module, hook)
 
 
 class TowerComponent(PartsComponent):
