@@ -5,7 +5,8 @@ the divisor and the normalized input are never tensors of their own. While a hoo
 to ``hook_scale`` or ``hook_normalized`` of a norm, one forward hook on its module computes
 them from the module's input, as TransformerLens does (``scale = sqrt(mean(x_c^2) + eps)``
 with ``x_c`` the centred input for LayerNorm and the input itself for RMSNorm;
-``normalized = x_c / scale``, in float32 for half-precision inputs), and runs the hooks. The
+``normalized = x_c / scale``, in float32 for half-precision inputs; LayerNorm's from one
+``native_layer_norm`` call, equal to those formulas up to rounding), and runs the hooks. The
 module's own output is kept unless a hook edits one of them (in place or by returning an
 unequal tensor); then the output is recomputed from the edited value (``normalized * weight
 + bias``). A returned tensor that carries backward hooks puts the recomputation on the
@@ -49,13 +50,20 @@ class NormMath:
     eps: float
     weight_offset: float = 0.0
 
-    def stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the input centred for LayerNorm, the scale ``[..., 1]``)."""
+    def stats(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(the input, in float32 for half precision; the mean LayerNorm subtracts, None for
+        RMSNorm; the scale ``[..., 1]``; the normalized input, LayerNorm's only: all of
+        LayerNorm's come from one `native_layer_norm`)."""
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         if self.kind == "LN":
-            x = x - x.mean(-1, keepdim=True)
-        return x, (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+            normalized, mean, rstd = torch.native_layer_norm(
+                x, (x.shape[-1],), None, None, self.eps
+            )
+            return x, mean, rstd.reciprocal(), normalized
+        return x, None, x.square().mean(-1, keepdim=True).add_(self.eps).sqrt_(), None
 
     def affine(
         self, module: nn.Module, normalized: torch.Tensor, like: torch.Tensor
@@ -144,11 +152,14 @@ def _recomputed(
 ) -> torch.Tensor:
     """The module's output after the scale and normalized hooks (`out` itself if unedited)."""
     math, runs = route.math, route.runs
-    centred, scale = math.stats(x)
+    x, mean, scale, normalized = math.stats(x)
     edited = other = False
     if "scale" in runs:
         scale, edited, other = through(runs["scale"], scale)
-    normalized = centred / scale
+    if not (edited or other or "normalized" in runs):
+        return out  # the scale was only read: nothing needs the normalized value
+    if edited or other or normalized is None:  # from the scale the hooks handed on
+        normalized = (x if mean is None else x - mean) / scale
     if "normalized" in runs:
         normalized, changed, replaced = through(runs["normalized"], normalized)
         edited, other = edited or changed, other or replaced

@@ -100,33 +100,48 @@ class Routes(Generic[R]):
     the first attach of a module makes its route, the last detach releases it."""
 
     def __init__(self) -> None:
-        self._by: weakref.WeakKeyDictionary[nn.Module, R] = weakref.WeakKeyDictionary()
+        # by id(module): (a weak reference to it, its route). Not a WeakKeyDictionary, whose
+        # every lookup makes a weak reference: the router looks its module up on every call.
+        self._by: dict[int, tuple[weakref.ref[nn.Module], R]] = {}
         self._lock = threading.RLock()
 
     def get(self, module: nn.Module) -> R | None:
         """The module's route while any of its taps is attached."""
-        return self._by.get(module)
+        entry = self._by.get(id(module))
+        return entry[1] if entry is not None and entry[0]() is module else None
 
     def attach(self, module: nn.Module, key: Any, run: Run, first: Callable[[], R]) -> Handle:
         """Attach `run` under `key`; `first()` makes the route (checks, hooks, switches) when
         the module has none, and if it raises, nothing is left behind."""
         with self._lock:
-            route = self._by.get(module)
+            route = self.get(module)
             if route is None:
-                route = self._by[module] = first()
+                route = first()
+                self._by[id(module)] = (weakref.ref(module, self._forget(id(module))), route)
             route.runs.add(key, run)
         return _Detach(self, module, key, run)
 
     def detach(self, module: nn.Module, key: Any, run: Run) -> None:
         """Remove one attachment; the module's last releases its route."""
         with self._lock:
-            route = self._by.get(module)
+            route = self.get(module)
             if route is None:
                 return
             route.runs.discard(key, run)
             if not route.runs:
-                del self._by[module]
+                del self._by[id(module)]
                 route.release(module)
+
+    def _forget(self, key: int) -> Callable[[weakref.ref[nn.Module]], None]:
+        """Drop the entry of a module that is gone while hooked (its id may be reused)."""
+
+        def gone(ref: weakref.ref[nn.Module]) -> None:
+            with self._lock:
+                entry = self._by.get(key)
+                if entry is not None and entry[0] is ref:
+                    del self._by[key]
+
+        return gone
 
 
 @dataclass(frozen=True)

@@ -175,13 +175,14 @@ class ViewTap:
 
     def attach(self, run: Run) -> Handle:
         steps = self.steps
+        may_copy = not all(isinstance(step, _VIEWING) for step in steps)
 
         def run_view(x: torch.Tensor) -> torch.Tensor:
             chain = [x]
             for step in steps:
                 chain.append(step.take(chain[-1]))
             part = chain[-1]
-            copied = not _shares_storage(part, x)  # a view of a non-contiguous tensor
+            copied = may_copy and not _shares_storage(part, x)  # flattened non-contiguous
             before = snapshot(part) if copied else None
             new = run(part)
             if new is part and (not copied or not changed_since(part, before)):
@@ -197,6 +198,10 @@ class ViewTap:
             _Handles(tuple(recorders)).remove()
             raise
         return _Handles((*recorders, inner))
+
+
+# steps whose part is always a view of the whole (narrow, unflatten, select, transpose)
+_VIEWING = (Split, Reshape, Select, Transpose, Tokens)
 
 
 def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
