@@ -268,7 +268,9 @@ def hooked_pattern(
     edited = replaced = False
     if "scores" in route.runs:
         scores, edited, replaced = _through(route, "scores", scores)
-    pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    pattern = scores.softmax(-1, dtype=torch.float32)  # what eager attention computes
+    if pattern.dtype != query.dtype:
+        pattern = pattern.to(query.dtype)
     if "pattern" in route.runs:
         pattern, changed, other = _through(route, "pattern", pattern)
         edited, replaced = edited or changed, replaced or other
@@ -297,7 +299,6 @@ def additive_mask(
 ) -> torch.Tensor | None:
     """The mask as eager attention adds it, from an eager (float) or sdpa (bool / None) mask."""
     q_len, k_len = scores.shape[-2:]
-    lowest = torch.finfo(scores.dtype).min
     if mask is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         if not causal or q_len == 1:
@@ -307,7 +308,7 @@ def additive_mask(
     mask = mask[..., :k_len]
     if mask.dtype == torch.bool:
         zeros = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
-        return zeros.masked_fill(~mask, lowest)
+        return zeros.masked_fill(~mask, torch.finfo(scores.dtype).min)
     return mask
 
 

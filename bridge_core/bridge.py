@@ -309,19 +309,22 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
                     "input_ids; pass input_ids or labels"
                 )
             inputs["labels"] = forward_options.lm_labels(ids, mask)
-        try:
-            with window.hooks(self._names, residual):
-                output = self._run_model(**inputs)
-        except forward_options.StopAtLayer as stop:
-            return stop.residual
+        if window.start is None and window.stop is None:
+            output = self._run_model(**inputs)
+        else:
+            try:
+                with window.hooks(self._names, residual):
+                    output = self._run_model(**inputs)
+            except forward_options.StopAtLayer as stop:
+                return stop.residual
         return forward_options.select_output(output, return_type, loss_per_token, ids, mask)
 
     def _hf_keywords(self) -> frozenset[str]:
         accepted = self.__dict__.get("_accepted_keywords")
         if accepted is None:
-            accepted = forward_options.hf_keywords(self.original_model)
+            accepted = frozenset(forward_options.hf_keywords(self.original_model))
             self.__dict__["_accepted_keywords"] = accepted
-        return frozenset(accepted)
+        return accepted
 
     def _run_model(self, *args: Any, **kwargs: Any) -> Any:
         """The HF model's forward, as this bridge's (other bridges' hooks stay silent).

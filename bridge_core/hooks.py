@@ -19,8 +19,8 @@ import itertools
 import re
 import threading
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -42,25 +42,40 @@ _SCOPES: ContextVar[tuple[object, ...]] = ContextVar("transformer_bridge_scopes"
 _RUNNING: ContextVar[object | None] = ContextVar("transformer_bridge_running", default=None)
 
 
-@contextmanager
-def scope() -> Iterator[object]:
+def scope() -> AbstractContextManager[object]:
     """Open a hook scope in this thread/context: hooks added with it run only inside it."""
-    token = object()
-    reset = _SCOPES.set((*_SCOPES.get(), token))
-    try:
-        yield token
-    finally:
-        _SCOPES.reset(reset)
+    return _Scope()
 
 
-@contextmanager
-def running(owner: object) -> Iterator[None]:
+def running(owner: object) -> AbstractContextManager[None]:
     """Mark the forwards inside as the bridge `owner`'s: other bridges' points stay silent."""
-    reset = _RUNNING.set(owner)
-    try:
-        yield
-    finally:
-        _RUNNING.reset(reset)
+    return _Running(owner)
+
+
+class _Scope:
+    # a class rather than a generator: entered on every hooked call
+    __slots__ = ("_reset",)
+
+    def __enter__(self) -> object:
+        token = object()
+        self._reset = _SCOPES.set((*_SCOPES.get(), token))
+        return token
+
+    def __exit__(self, *exc: object) -> None:
+        _SCOPES.reset(self._reset)
+
+
+class _Running:
+    __slots__ = ("_owner", "_reset")
+
+    def __init__(self, owner: object) -> None:
+        self._owner = owner
+
+    def __enter__(self) -> None:
+        self._reset = _RUNNING.set(self._owner)
+
+    def __exit__(self, *exc: object) -> None:
+        _RUNNING.reset(self._reset)
 
 
 def mark_tap(function: Callable[..., Any]) -> Callable[..., Any]:
