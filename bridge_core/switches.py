@@ -58,7 +58,11 @@ class KernelSwitch:
             BridgeError: the module has no such config.
         """
         config = getattr(module, "config", None)
-        if config is None or not hasattr(config, self.attribute):
+        if config is None:
+            known = False
+        else:  # a switched config has it (HF configs answer attribute lookups slowly)
+            known = id(config) in self._switched or hasattr(config, self.attribute)
+        if not known:
             raise BridgeError(
                 f"hooking inside the {self.what} kernel needs {type(module).__name__} to read "
                 f"its kernel from config.{self.attribute}; it has no such config"
