@@ -12,7 +12,7 @@ from torch import nn
 
 from bridge_core import compiling, forward_options, tokens
 from bridge_core.cache import ActivationCache
-from bridge_core.components.base import GeneralizedComponent
+from bridge_core.components.base import GeneralizedComponent, input_checks
 from bridge_core.errors import HookNameError, InputError, did_you_mean
 from bridge_core.hooked_root import HookedRoot, slice_store
 from bridge_core.hooked_root import HookSpec as HookSpec  # re-exported for callers
@@ -374,9 +374,10 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         """
         inputs = self._inputs(input, images, prepend_bos, padding_side, **kwargs)
         tokens.check_positions(inputs, self.cfg.n_ctx, self.cfg.positional_embedding_type)
-        for component in self.children():
-            if isinstance(component, GeneralizedComponent):
-                component.check_inputs(inputs)
+        if "_checks" not in self.__dict__:  # found once: asked before every forward
+            self.__dict__["_checks"] = input_checks(self.children())
+        for check in self.__dict__["_checks"]:
+            check(inputs)
         return inputs
 
     def _inputs(

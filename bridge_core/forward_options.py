@@ -132,8 +132,9 @@ def add_position_ids(inputs: dict[str, Any], accepted: frozenset[str], model: nn
     can_generate = getattr(model, "can_generate", None)
     if not callable(can_generate) or not can_generate() or _own_positions(type(model)):
         return
-    if any(inputs.get(key) is not None for key in skip):
-        return
+    for key in skip:
+        if inputs.get(key) is not None:
+            return
     mask = inputs.get("attention_mask")
     default = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
     if isinstance(mask, torch.Tensor) and mask.shape == ids.shape and not bool(mask.all()):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
@@ -252,3 +252,14 @@ class GeneralizedComponent(nn.Module):
     def extra_repr(self) -> str:
         original = type(self.original_component).__name__ if self.original_component else None
         return f"name={self.name!r}, original={original}"
+
+
+def input_checks(modules: Iterable[nn.Module]) -> list[Callable[[Mapping[str, Any]], None]]:
+    """The `check_inputs` of the components among `modules` whose kind checks anything (the
+    default accepts everything and is left out)."""
+    default = GeneralizedComponent.check_inputs
+    return [
+        module.check_inputs
+        for module in modules
+        if isinstance(module, GeneralizedComponent) and type(module).check_inputs is not default
+    ]
