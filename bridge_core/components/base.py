@@ -9,6 +9,7 @@ from torch import nn
 
 from bridge_core import expr
 from bridge_core.hooks import HookPoint, InputTap, OutputTap
+from bridge_core.module_state import add_child, init_module
 
 if TYPE_CHECKING:
     from bridge_core.layout import ImageLayout, LayoutRequest
@@ -55,7 +56,13 @@ class GeneralizedComponent(nn.Module):
     input_arg: ClassVar[str] = "hidden_states"
     hook_shapes: ClassVar[dict[str, Shape]] = {}
 
+    name: str
+    options: dict[str, Any]
     original_component: nn.Module | None
+    removed_aliases: set[str]
+    extra_hooks: list[str]
+    hook_in: HookPoint
+    hook_out: HookPoint
 
     def __init__(
         self,
@@ -72,17 +79,20 @@ class GeneralizedComponent(nn.Module):
             submodules: child components (or `nn.ModuleList`s of them), by attribute name.
             options: per-kind options from the adapter spec.
         """
-        super().__init__()
-        self.name = name
+        init_module(self)  # nn.Module.__init__ at a fraction of its cost: a wrap makes dozens
+        # Plain values (never a module, parameter or tensor) and the new hook points skip
+        # nn.Module.__setattr__'s checks, which find nothing to do on a module being built.
+        plain = object.__setattr__
+        plain(self, "name", name)
         self.config = config
-        self.options: dict[str, Any] = dict(options or {})
-        object.__setattr__(self, "original_component", None)
-        self.removed_aliases: set[str] = set()
-        self.extra_hooks: list[str] = []
-        self.hook_in = HookPoint()
-        self.hook_out = HookPoint()
+        plain(self, "options", dict(options or {}))
+        plain(self, "original_component", None)
+        plain(self, "removed_aliases", set())
+        plain(self, "extra_hooks", [])
+        add_child(self, "hook_in", HookPoint())
+        add_child(self, "hook_out", HookPoint())
         for hook_name in self.internal_hooks:
-            setattr(self, hook_name, HookPoint())
+            add_child(self, hook_name, HookPoint())
         for key, child in (submodules or {}).items():
             self.add_module(key, child)
 
