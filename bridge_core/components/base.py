@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,6 +22,9 @@ Shape = tuple[int | str, ...]
 _INSTANCE_ATTRIBUTES = frozenset(
     {"name", "config", "options", "original_component", "removed_aliases", "extra_hooks"}
 ) | frozenset(vars(nn.Module()))
+
+_RESERVED: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+"""`GeneralizedComponent.reserved_names` of each kind, once per class."""
 
 
 class GeneralizedComponent(nn.Module):
@@ -99,6 +103,9 @@ class GeneralizedComponent(nn.Module):
     def __getattr__(self, name: str) -> Any:
         """Children and hook points (nn.Module's lookup), then this kind's hook aliases:
         ``bridge.blocks[0].hook_resid_post`` is ``bridge.blocks[0].hook_out``."""
+        modules = self.__dict__.get("_modules")
+        if modules is not None and name in modules:  # the common case, without nn.Module's
+            return modules[name]  # lookup (a module's names are unique across its tables)
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -118,7 +125,10 @@ class GeneralizedComponent(nn.Module):
         """Names a child component cannot take: attributes of this kind and of every component
         (``name``, ``config``, ``forward`` ...). Hook point names start with ``hook_``, which
         component names never do."""
-        return frozenset(dir(cls)) | _INSTANCE_ATTRIBUTES
+        names = _RESERVED.get(cls)
+        if names is None:  # dir() of a class costs ~20 µs, and every wrap asks for each kind
+            names = _RESERVED[cls] = frozenset(dir(cls)) | _INSTANCE_ATTRIBUTES
+        return names
 
     def set_original_component(self, module: nn.Module) -> None:
         """Attach this component to the HF module it bridges and bind its hook points."""
@@ -246,7 +256,11 @@ class GeneralizedComponent(nn.Module):
 
     def components(self) -> Iterator[GeneralizedComponent]:
         """Direct child components (list items flattened)."""
-        for child in self.children():
+        seen: set[int] = set()  # each once, as children() gives them (without its cost)
+        for child in self._modules.values():
+            if isinstance(child, HookPoint) or child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
             if isinstance(child, GeneralizedComponent):
                 yield child
             elif isinstance(child, nn.ModuleList):
