@@ -137,8 +137,8 @@ class GeneralizedComponent(nn.Module):
         self.hook_out.bind(OutputTap(module))
         self.bind(module)
         for attr, shape in self.hook_shapes.items():
-            point = getattr(self, attr, None)
-            if isinstance(point, HookPoint):
+            point = self._point(attr)
+            if point is not None:
                 point.shape = shape
 
     def bind(self, module: nn.Module) -> None:
@@ -151,8 +151,16 @@ class GeneralizedComponent(nn.Module):
     def own_hook_points(self) -> list[tuple[str, HookPoint]]:
         """This component's bound hook points (not its children's), ``hook_out`` last."""
         names = ["hook_in", *self.internal_hooks, *self.extra_hooks, "hook_out"]
-        points = [(n, getattr(self, n, None)) for n in dict.fromkeys(names)]
-        return [(n, p) for n, p in points if isinstance(p, HookPoint) and p._tap is not None]
+        points = [(n, self._point(n)) for n in dict.fromkeys(names)]
+        return [(n, p) for n, p in points if p is not None and p._tap is not None]
+
+    def _point(self, attr: str) -> HookPoint | None:
+        """The hook point `attr` of this component, or None (a child's lookup, without
+        nn.Module's __getattr__ for the hook points the component holds itself)."""
+        point = self._modules.get(attr)
+        if point is None:
+            point = getattr(self, attr, None)
+        return point if isinstance(point, HookPoint) else None
 
     def size(self, value: Any, what: str) -> int:
         """A size option's value: an int, or an expression over the bridge config's fields.
