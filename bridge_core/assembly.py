@@ -14,6 +14,7 @@ from bridge_core.components.base import GeneralizedComponent
 from bridge_core.config import TransformerBridgeConfig
 from bridge_core.errors import BridgeError, SpecError, did_you_mean
 from bridge_core.hooks import HookPoint, InputTap, OutputTap, Tap
+from bridge_core.module_state import submodule
 from bridge_core.naming import HookNames
 from bridge_core.registry import Registry
 from bridge_core.spec import AdapterSpec, ComponentSpec, TapSpec, ViewSpec
@@ -176,7 +177,7 @@ class Assembler:
     def _resolve(self, spec: ComponentSpec, parent: nn.Module, where: str) -> nn.Module | None:
         for path in spec.paths:
             try:
-                return parent.get_submodule("" if path == "." else path)
+                return submodule(parent, "" if path == "." else path)
             except AttributeError:
                 continue
         if spec.optional:
@@ -227,7 +228,7 @@ def _has_submodule(module: nn.Module, path: object) -> bool:
     if not isinstance(path, str):
         return False
     try:
-        module.get_submodule(path)
+        submodule(module, path)
     except AttributeError:
         return False
     return True
@@ -287,7 +288,7 @@ def _tap(
     component: GeneralizedComponent, module: nn.Module, model: nn.Module, spec: TapSpec, attr: str
 ) -> Tap:
     try:
-        target = module.get_submodule(spec.module)
+        target = submodule(module, spec.module)
     except AttributeError:
         children = [n for n, _ in module.named_children()]
         raise ValueError(

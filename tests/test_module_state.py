@@ -6,11 +6,12 @@ from __future__ import annotations
 import copy
 import pickle
 
+import pytest
 import torch
 from torch import nn
 
 from bridge_core import GeneralizedComponent, HookPoint
-from bridge_core.module_state import add_child, init_module
+from bridge_core.module_state import add_child, init_module, submodule
 
 
 def _module_state(module: nn.Module) -> dict[str, object]:
@@ -60,3 +61,29 @@ def test_global_module_registration_hooks_see_the_hook_points() -> None:
     finally:
         handle.remove()
     assert seen == ["hook_in", "hook_out", "extra"]
+
+
+class _Shadowed(nn.Module):
+    """A module whose attribute of a child's name is not that child (nn.Module's lookup
+    finds the property)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(2, 2))
+        self._modules["head"] = nn.Linear(2, 2)  # registered, but shadowed by the property
+
+    @property
+    def head(self) -> int:
+        return 0
+
+
+def test_submodule_finds_what_get_submodule_finds() -> None:
+    model = _Shadowed()
+    for path in ("", "inner", "inner.0"):
+        assert submodule(model, path) is model.get_submodule(path)
+    for path in ("head", "missing", "inner.missing", "inner.0.weight"):
+        with pytest.raises(AttributeError) as expected:
+            model.get_submodule(path)
+        with pytest.raises(AttributeError) as got:
+            submodule(model, path)
+        assert str(got.value) == str(expected.value), path
