@@ -6,11 +6,12 @@ import weakref
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import nn
 
 from bridge_core import expr
 from bridge_core.hooks import HookPoint, InputTap, OutputTap
-from bridge_core.module_state import add_child, init_module
+from bridge_core.module_state import add_child, init_module, submodule
 
 if TYPE_CHECKING:
     from bridge_core.layout import ImageLayout, LayoutRequest
@@ -88,7 +89,10 @@ class GeneralizedComponent(nn.Module):
         # nn.Module.__setattr__'s checks, which find nothing to do on a module being built.
         plain = object.__setattr__
         plain(self, "name", name)
-        self.config = config
+        if isinstance(config, nn.Module | torch.Tensor):
+            self.config = config  # registered as nn.Module registers such values
+        else:
+            plain(self, "config", config)
         plain(self, "options", dict(options or {}))
         plain(self, "original_component", None)
         plain(self, "removed_aliases", set())
@@ -279,7 +283,7 @@ class GeneralizedComponent(nn.Module):
         path = self.options.get(option)
         if not isinstance(path, str):
             raise KeyError(f"component {self.name!r} needs the option {option!r}")
-        return module.get_submodule(path)
+        return submodule(module, path)
 
     def extra_repr(self) -> str:
         original = type(self.original_component).__name__ if self.original_component else None
