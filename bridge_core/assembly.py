@@ -433,8 +433,14 @@ def _defines(key: str, name: str) -> bool:
     """Whether the alias key (plain or template) defines the alias `name`."""
     if "{i}" not in key:
         return key == name
-    pattern = "".join(r"\d+" if part == "{i}" else re.escape(part) for part in _split(key))
-    return re.fullmatch(pattern, name) is not None
+    return _template(key).fullmatch(name) is not None
+
+
+@functools.lru_cache(maxsize=1024)
+def _template(key: str) -> re.Pattern[str]:
+    """The names a template key defines, as a pattern (compiled once: the alias checks ask
+    every key about every other, hundreds of times a wrap for a VLM's spec)."""
+    return re.compile("".join(r"\d+" if part == "{i}" else re.escape(part) for part in _split(key)))
 
 
 def _split(key: str) -> list[str]:
