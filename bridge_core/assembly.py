@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection, Iterator
 from typing import Any
@@ -13,6 +14,7 @@ from bridge_core.components.base import GeneralizedComponent
 from bridge_core.config import TransformerBridgeConfig
 from bridge_core.errors import BridgeError, SpecError, did_you_mean
 from bridge_core.hooks import HookPoint, InputTap, OutputTap, Tap
+from bridge_core.module_state import submodule
 from bridge_core.naming import HookNames
 from bridge_core.registry import Registry
 from bridge_core.spec import AdapterSpec, ComponentSpec, TapSpec, ViewSpec
@@ -32,6 +34,8 @@ def check_spec(spec: AdapterSpec, registry: Registry, reserved: Collection[str] 
         SpecError: naming the spec, the key, and what is accepted.
     """
 
+    kinds = registry.component_kinds()  # once: the registry builds the table on each ask
+
     def components(
         tree: dict[str, ComponentSpec], where: str, taken: Collection[str], owner: str
     ) -> None:
@@ -45,7 +49,7 @@ def check_spec(spec: AdapterSpec, registry: Registry, reserved: Collection[str] 
                     "a name that is no attribute of it (e.g. 'my_' + the name)",
                 )
             try:
-                cls = registry.component_class(component.kind)
+                cls = kinds.get(component.kind) or registry.component_class(component.kind)
             except BridgeError as exc:
                 raise _spec_error(spec, f"{place}.kind", str(exc)) from exc
             missing = [o for o in cls.required_options if o not in component.options]
@@ -61,13 +65,19 @@ def check_spec(spec: AdapterSpec, registry: Registry, reserved: Collection[str] 
 
     components(spec.components, "components", reserved, "TransformerBridge")
     for field, value in spec.config.fixed.items():
-        annotation: Any = TransformerBridgeConfig.model_fields[field].annotation
         try:
-            TypeAdapter(annotation).validate_python(value)
+            _field_validator(field).validate_python(value)
         except ValidationError as exc:
             problem = "; ".join(error["msg"] for error in exc.errors())
             raise _spec_error(spec, f"config.fixed.{field}", f"{problem} (got {value!r})") from exc
     _check_alias_keys(spec)
+
+
+@functools.cache
+def _field_validator(field: str) -> TypeAdapter[Any]:
+    """A validator of one TransformerBridgeConfig field (pydantic builds it in ~0.2 ms)."""
+    annotation: Any = TransformerBridgeConfig.model_fields[field].annotation
+    return TypeAdapter(annotation)
 
 
 def _spec_error(spec: AdapterSpec, where: str, message: str) -> SpecError:
@@ -91,6 +101,7 @@ class Assembler:
         self.config = config
         self.registry = registry
         self.reserved = reserved
+        self._classes: dict[str, type[GeneralizedComponent]] = {}  # by kind, for this build
 
     def build(self) -> dict[str, Built]:
         """The top-level components, by name; optional ones absent from the model are skipped.
@@ -113,7 +124,9 @@ class Assembler:
         module = self._resolve(spec, parent, where)
         if module is None:
             return None
-        cls = self.registry.component_class(spec.kind)  # known: check_spec ran
+        cls = self._classes.get(spec.kind)
+        if cls is None:  # known: check_spec ran
+            cls = self._classes[spec.kind] = self.registry.component_class(spec.kind)
         if not cls.is_list_item:
             return self._component(cls, spec, module, name, where)
         if not isinstance(module, nn.ModuleList | nn.Sequential):
@@ -164,7 +177,7 @@ class Assembler:
     def _resolve(self, spec: ComponentSpec, parent: nn.Module, where: str) -> nn.Module | None:
         for path in spec.paths:
             try:
-                return parent.get_submodule("" if path == "." else path)
+                return submodule(parent, "" if path == "." else path)
             except AttributeError:
                 continue
         if spec.optional:
@@ -215,7 +228,7 @@ def _has_submodule(module: nn.Module, path: object) -> bool:
     if not isinstance(path, str):
         return False
     try:
-        module.get_submodule(path)
+        submodule(module, path)
     except AttributeError:
         return False
     return True
@@ -275,7 +288,7 @@ def _tap(
     component: GeneralizedComponent, module: nn.Module, model: nn.Module, spec: TapSpec, attr: str
 ) -> Tap:
     try:
-        target = module.get_submodule(spec.module)
+        target = submodule(module, spec.module)
     except AttributeError:
         children = [n for n, _ in module.named_children()]
         raise ValueError(
@@ -420,8 +433,14 @@ def _defines(key: str, name: str) -> bool:
     """Whether the alias key (plain or template) defines the alias `name`."""
     if "{i}" not in key:
         return key == name
-    pattern = "".join(r"\d+" if part == "{i}" else re.escape(part) for part in _split(key))
-    return re.fullmatch(pattern, name) is not None
+    return _template(key).fullmatch(name) is not None
+
+
+@functools.lru_cache(maxsize=1024)
+def _template(key: str) -> re.Pattern[str]:
+    """The names a template key defines, as a pattern (compiled once: the alias checks ask
+    every key about every other, hundreds of times a wrap for a VLM's spec)."""
+    return re.compile("".join(r"\d+" if part == "{i}" else re.escape(part) for part in _split(key)))
 
 
 def _split(key: str) -> list[str]:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from bridge_core.errors import BridgeError, HookReturnError, InputError
+from bridge_core.module_state import init_module
 
 HookFn = Callable[..., torch.Tensor | None]
 """A TransformerLens hook: ``fn(tensor, hook) -> tensor | None``."""
@@ -349,28 +350,46 @@ class HookPoint(nn.Module):
     """
 
     def __init__(self) -> None:
-        super().__init__()
-        self.name: str = ""
-        self.ctx: dict[Any, Any] = {}
-        self._fwd: list[_Hook] = []
-        self._bwd: list[_Hook] = []
-        self._tap: Tap | None = None
-        self._attached: Handle | None = None
-        self.calls: int | str = 1
+        # A wrap makes hundreds of hook points: nn.Module's state comes from a template
+        # (`init_module`), and the plain state is declared here and set in one update of
+        # __dict__, as __setattr__ would for _PLAIN_STATE.
+        init_module(self)
+        self.name: str
+        self.ctx: dict[Any, Any]
+        self._fwd: list[_Hook]
+        self._bwd: list[_Hook]
+        self._tap: Tap | None
+        self._attached: Handle | None
+        self.calls: int | str
         """How often this point fires per forward (`verify` checks it): a number, "any",
         or an expression over counts the bridge's components report (``"n_images"``)."""
-        self.collect: Collect = "list"
+        self.collect: Collect
         """How a cache keeps the calls of a point that fires more than once."""
-        self.shape: tuple[int | str, ...] | None = None
+        self.shape: tuple[int | str, ...] | None
         """The documented shape, in symbols (``("batch", "pos", "d_model")``), for `verify`."""
-        self.enabled: bool = True
+        self.enabled: bool
         """False for an opt-in point (``attn.hook_result``) until it is switched on."""
-        self.copy_on_cache: bool | None = None
+        self.copy_on_cache: bool | None
         """Whether the model changes this tensor in place after the point fires, so a cache
         must copy it (None: not known yet; the first cache of the point copies and finds out)."""
-        self.owner: object | None = None
+        self.owner: object | None
         """The bridge this point belongs to (its hooks are silent in other bridges' forwards)."""
-        self._lock = threading.Lock()  # attaching and detaching the tap is check-then-act
+        self._lock: threading.Lock  # attaching and detaching the tap is check-then-act
+        self.__dict__.update(
+            name="",
+            ctx={},
+            _fwd=[],
+            _bwd=[],
+            _tap=None,
+            _attached=None,
+            calls=1,
+            collect="list",
+            shape=None,
+            enabled=True,
+            copy_on_cache=None,
+            owner=None,
+            _lock=threading.Lock(),
+        )
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Plain state (never a Module, Parameter or Tensor) skips nn.Module.__setattr__'s

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import nn
 
 from bridge_core import expr
 from bridge_core.hooks import HookPoint, InputTap, OutputTap
+from bridge_core.module_state import add_child, init_module, submodule
 
 if TYPE_CHECKING:
     from bridge_core.layout import ImageLayout, LayoutRequest
@@ -20,6 +23,9 @@ Shape = tuple[int | str, ...]
 _INSTANCE_ATTRIBUTES = frozenset(
     {"name", "config", "options", "original_component", "removed_aliases", "extra_hooks"}
 ) | frozenset(vars(nn.Module()))
+
+_RESERVED: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+"""`GeneralizedComponent.reserved_names` of each kind, once per class."""
 
 
 class GeneralizedComponent(nn.Module):
@@ -55,7 +61,13 @@ class GeneralizedComponent(nn.Module):
     input_arg: ClassVar[str] = "hidden_states"
     hook_shapes: ClassVar[dict[str, Shape]] = {}
 
+    name: str
+    options: dict[str, Any]
     original_component: nn.Module | None
+    removed_aliases: set[str]
+    extra_hooks: list[str]
+    hook_in: HookPoint
+    hook_out: HookPoint
 
     def __init__(
         self,
@@ -72,23 +84,32 @@ class GeneralizedComponent(nn.Module):
             submodules: child components (or `nn.ModuleList`s of them), by attribute name.
             options: per-kind options from the adapter spec.
         """
-        super().__init__()
-        self.name = name
-        self.config = config
-        self.options: dict[str, Any] = dict(options or {})
-        object.__setattr__(self, "original_component", None)
-        self.removed_aliases: set[str] = set()
-        self.extra_hooks: list[str] = []
-        self.hook_in = HookPoint()
-        self.hook_out = HookPoint()
+        init_module(self)  # nn.Module.__init__ at a fraction of its cost: a wrap makes dozens
+        # Plain values (never a module, parameter or tensor) and the new hook points skip
+        # nn.Module.__setattr__'s checks, which find nothing to do on a module being built.
+        plain = object.__setattr__
+        plain(self, "name", name)
+        if isinstance(config, nn.Module | torch.Tensor):
+            self.config = config  # registered as nn.Module registers such values
+        else:
+            plain(self, "config", config)
+        plain(self, "options", dict(options or {}))
+        plain(self, "original_component", None)
+        plain(self, "removed_aliases", set())
+        plain(self, "extra_hooks", [])
+        add_child(self, "hook_in", HookPoint())
+        add_child(self, "hook_out", HookPoint())
         for hook_name in self.internal_hooks:
-            setattr(self, hook_name, HookPoint())
+            add_child(self, hook_name, HookPoint())
         for key, child in (submodules or {}).items():
             self.add_module(key, child)
 
     def __getattr__(self, name: str) -> Any:
         """Children and hook points (nn.Module's lookup), then this kind's hook aliases:
         ``bridge.blocks[0].hook_resid_post`` is ``bridge.blocks[0].hook_out``."""
+        modules = self.__dict__.get("_modules")
+        if modules is not None and name in modules:  # the common case, without nn.Module's
+            return modules[name]  # lookup (a module's names are unique across its tables)
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -108,7 +129,10 @@ class GeneralizedComponent(nn.Module):
         """Names a child component cannot take: attributes of this kind and of every component
         (``name``, ``config``, ``forward`` ...). Hook point names start with ``hook_``, which
         component names never do."""
-        return frozenset(dir(cls)) | _INSTANCE_ATTRIBUTES
+        names = _RESERVED.get(cls)
+        if names is None:  # dir() of a class costs ~20 µs, and every wrap asks for each kind
+            names = _RESERVED[cls] = frozenset(dir(cls)) | _INSTANCE_ATTRIBUTES
+        return names
 
     def set_original_component(self, module: nn.Module) -> None:
         """Attach this component to the HF module it bridges and bind its hook points."""
@@ -117,8 +141,8 @@ class GeneralizedComponent(nn.Module):
         self.hook_out.bind(OutputTap(module))
         self.bind(module)
         for attr, shape in self.hook_shapes.items():
-            point = getattr(self, attr, None)
-            if isinstance(point, HookPoint):
+            point = self._point(attr)
+            if point is not None:
                 point.shape = shape
 
     def bind(self, module: nn.Module) -> None:
@@ -131,8 +155,16 @@ class GeneralizedComponent(nn.Module):
     def own_hook_points(self) -> list[tuple[str, HookPoint]]:
         """This component's bound hook points (not its children's), ``hook_out`` last."""
         names = ["hook_in", *self.internal_hooks, *self.extra_hooks, "hook_out"]
-        points = [(n, getattr(self, n, None)) for n in dict.fromkeys(names)]
-        return [(n, p) for n, p in points if isinstance(p, HookPoint) and p._tap is not None]
+        points = [(n, self._point(n)) for n in dict.fromkeys(names)]
+        return [(n, p) for n, p in points if p is not None and p._tap is not None]
+
+    def _point(self, attr: str) -> HookPoint | None:
+        """The hook point `attr` of this component, or None (a child's lookup, without
+        nn.Module's __getattr__ for the hook points the component holds itself)."""
+        point = self._modules.get(attr)
+        if point is None:
+            point = getattr(self, attr, None)
+        return point if isinstance(point, HookPoint) else None
 
     def size(self, value: Any, what: str) -> int:
         """A size option's value: an int, or an expression over the bridge config's fields.
@@ -236,7 +268,11 @@ class GeneralizedComponent(nn.Module):
 
     def components(self) -> Iterator[GeneralizedComponent]:
         """Direct child components (list items flattened)."""
-        for child in self.children():
+        seen: set[int] = set()  # each once, as children() gives them (without its cost)
+        for child in self._modules.values():
+            if isinstance(child, HookPoint) or child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
             if isinstance(child, GeneralizedComponent):
                 yield child
             elif isinstance(child, nn.ModuleList):
@@ -247,7 +283,7 @@ class GeneralizedComponent(nn.Module):
         path = self.options.get(option)
         if not isinstance(path, str):
             raise KeyError(f"component {self.name!r} needs the option {option!r}")
-        return module.get_submodule(path)
+        return submodule(module, path)
 
     def extra_repr(self) -> str:
         original = type(self.original_component).__name__ if self.original_component else None

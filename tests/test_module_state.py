@@ -1,0 +1,89 @@
+"""Hook points and components skip nn.Module.__init__'s cost (`bridge_core.module_state`), and
+are still modules like any other: the same state, fresh containers, torch's hooks honoured."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from bridge_core import GeneralizedComponent, HookPoint
+from bridge_core.module_state import add_child, init_module, submodule
+
+
+def _module_state(module: nn.Module) -> dict[str, object]:
+    return {k: v for k, v in vars(module).items() if k in vars(nn.Module())}
+
+
+def test_init_module_gives_the_state_of_nn_module_init() -> None:
+    plain, made = nn.Module(), nn.Module.__new__(nn.Module)
+    init_module(made)
+    assert list(vars(made)) == list(vars(plain))  # the same attributes, in torch's order
+    for name, value in vars(plain).items():
+        assert type(vars(made)[name]) is type(value) and vars(made)[name] == value, name
+
+
+def test_hook_points_share_no_containers() -> None:
+    a, b = HookPoint(), HookPoint()
+    assert _module_state(a) == _module_state(nn.Module())
+    for name, value in vars(a).items():
+        if isinstance(value, dict | set | list):
+            assert value is not vars(b)[name], name
+    a.register_forward_hook(lambda *args: None)
+    assert len(a._forward_hooks) == 1 and not b._forward_hooks
+
+
+def test_component_hook_points_are_registered_children() -> None:
+    component = GeneralizedComponent("embed")
+    assert dict(component.named_children()) == {
+        "hook_in": component.hook_in,
+        "hook_out": component.hook_out,
+    }
+    assert component.training and not component.state_dict()
+    twin = copy.deepcopy(component)
+    assert twin.hook_in is not component.hook_in and twin.hook_in.name == ""
+    assert pickle.loads(pickle.dumps(component)).name == "embed"
+
+
+def test_global_module_registration_hooks_see_the_hook_points() -> None:
+    seen: list[str] = []
+
+    def hook(parent: nn.Module, name: str, child: nn.Module | None) -> None:
+        seen.append(name)
+
+    handle = torch.nn.modules.module.register_module_module_registration_hook(hook)
+    try:
+        GeneralizedComponent("embed")
+        add_child(nn.Module(), "extra", HookPoint())
+    finally:
+        handle.remove()
+    assert seen == ["hook_in", "hook_out", "extra"]
+
+
+class _Shadowed(nn.Module):
+    """A module whose attribute of a child's name is not that child (nn.Module's lookup
+    finds the property)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(2, 2))
+        self._modules["head"] = nn.Linear(2, 2)  # registered, but shadowed by the property
+
+    @property
+    def head(self) -> int:
+        return 0
+
+
+def test_submodule_finds_what_get_submodule_finds() -> None:
+    model = _Shadowed()
+    for path in ("", "inner", "inner.0"):
+        assert submodule(model, path) is model.get_submodule(path)
+    for path in ("head", "missing", "inner.missing", "inner.0.weight"):
+        with pytest.raises(AttributeError) as expected:
+            model.get_submodule(path)
+        with pytest.raises(AttributeError) as got:
+            submodule(model, path)
+        assert str(got.value) == str(expected.value), path
