@@ -16,7 +16,7 @@ from bridge_core.components.base import GeneralizedComponent, input_checks
 from bridge_core.errors import HookNameError, InputError, did_you_mean
 from bridge_core.hooked_root import HookedRoot, slice_store
 from bridge_core.hooked_root import HookSpec as HookSpec  # re-exported for callers
-from bridge_core.hooks import running
+from bridge_core.hooks import Owner, running
 from bridge_core.model_weights import ModelWeights
 from bridge_core.naming import HookDict, HookNames, NamesFilter
 from bridge_core.recording import Recorder, check_backward, run_backward
@@ -73,11 +73,10 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         reserved = RESERVED_NAMES | {n for n in vars(self) if not n.startswith("_")}
         built = Assembler(self.adapter, model, self.cfg, registry, reserved).build()
         self.original_model = model
-        self.attached_points = 0
-        """How many hook points have a hook (and their tap) attached right now."""
+        self._owner = Owner()  # what the points belong to: silent in other bridges' forwards
         self._names: HookNames = collect_names(built, self.adapter)
         for point in self._names.points.values():
-            point.owner = self  # silent in the forwards of other bridges over the same model
+            point.owner = self._owner
         for name, component in built.items():
             self.add_module(name, component)
 
@@ -240,6 +239,11 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         return tokens.input_device(self.original_model)
 
     @property
+    def attached_points(self) -> int:
+        """How many hook points have a hook (and their tap) attached right now."""
+        return self._owner.attached_points
+
+    @property
     def dtype(self) -> torch.dtype:
         """dtype of the model's first floating-point parameter."""
         floats = (p for p in self.original_model.parameters() if p.is_floating_point())
@@ -338,8 +342,8 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         if torch.compiler.is_compiling():
             return compiling.run_outside_compile(self._run_model, args, kwargs)
         model = self.original_model
-        with running(self):
-            if not self.attached_points:
+        with running(self._owner):
+            if not self._owner.attached_points:
                 return model(*args, **kwargs)
             eager: Callable[..., Any] = model._call_impl  # never a compiled version; untyped
             return eager(*args, **kwargs)

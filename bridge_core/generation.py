@@ -58,7 +58,7 @@ def generate(
     inputs = bridge.prepare_inputs(input, images, prepend_bos, padding_side, **generate_kwargs)
     cfg = bridge.cfg
     tokens.check_positions(inputs, cfg.n_ctx, cfg.positional_embedding_type, max_new_tokens)
-    with bridge.hooks(fwd_hooks), _steps(bridge), torch.no_grad(), running(bridge):
+    with bridge.hooks(fwd_hooks), _steps(bridge), torch.no_grad(), running(bridge._owner):
         output = bridge.original_model.generate(  # type: ignore[operator]  # HF GenerationMixin
             **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample
         )

@@ -40,7 +40,7 @@ Collect = Literal["list", "stack", "cat"]
 
 _LAYER = re.compile(r"\.(\d+)\.")
 _SCOPES: ContextVar[tuple[object, ...]] = ContextVar("transformer_bridge_scopes", default=())
-_RUNNING: ContextVar[object | None] = ContextVar("transformer_bridge_running", default=None)
+_RUNNING: ContextVar[Owner | None] = ContextVar("transformer_bridge_running", default=None)
 
 
 def scope() -> AbstractContextManager[object]:
@@ -48,8 +48,9 @@ def scope() -> AbstractContextManager[object]:
     return _Scope()
 
 
-def running(owner: object) -> AbstractContextManager[None]:
-    """Mark the forwards inside as the bridge `owner`'s: other bridges' points stay silent."""
+def running(owner: Owner) -> AbstractContextManager[None]:
+    """Mark the forwards inside as those of the bridge whose points `owner` owns: other
+    bridges' points stay silent."""
     return _Running(owner)
 
 
@@ -69,7 +70,7 @@ class _Scope:
 class _Running:
     __slots__ = ("_owner", "_reset")
 
-    def __init__(self, owner: object) -> None:
+    def __init__(self, owner: Owner) -> None:
         self._owner = owner
 
     def __enter__(self) -> None:
@@ -372,8 +373,9 @@ class HookPoint(nn.Module):
         self.copy_on_cache: bool | None
         """Whether the model changes this tensor in place after the point fires, so a cache
         must copy it (None: not known yet; the first cache of the point copies and finds out)."""
-        self.owner: object | None
-        """The bridge this point belongs to (its hooks are silent in other bridges' forwards)."""
+        self.owner: Owner | None
+        """The `Owner` of the bridge this point belongs to (its hooks are silent in other
+        bridges' forwards)."""
         self._lock: threading.Lock  # attaching and detaching the tap is check-then-act
         self.__dict__.update(
             name="",
@@ -581,10 +583,24 @@ class HookPoint(nn.Module):
         return f"name={self.name!r}, fwd={len(self._fwd)}, bwd={len(self._bwd)}"
 
 
-def _count(owner: object | None, change: int) -> None:
-    """Keep the owner's count of points with a tap attached (a compiled call guards on it)."""
+class Owner:
+    """What the hook points of one bridge belong to (`HookPoint.owner`, `running`).
+
+    The points refer to this token rather than to the bridge, so that dropping a bridge frees
+    it and its hundreds of points at once instead of leaving a reference cycle to the garbage
+    collector. It counts the points that have a tap attached (a compiled call guards on it).
+    """
+
+    __slots__ = ("attached_points",)
+
+    def __init__(self) -> None:
+        self.attached_points = 0
+
+
+def _count(owner: Owner | None, change: int) -> None:
+    """Keep the owner's count of points with a tap attached."""
     if owner is not None:
-        owner.__dict__["attached_points"] = owner.__dict__.get("attached_points", 0) + change
+        owner.attached_points += change
 
 
 def _grad_hook(fn: HookFn, point: HookPoint) -> Callable[[torch.Tensor], torch.Tensor | None]:
@@ -607,6 +623,7 @@ __all__ = [
     "HookPoint",
     "InputTap",
     "OutputTap",
+    "Owner",
     "Tap",
     "changed_since",
     "first_tensor",

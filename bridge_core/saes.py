@@ -34,6 +34,7 @@ from bridge_core.hooks import (
     Handle,
     HookHandle,
     HookPoint,
+    Owner,
     Run,
     first_tensor,
     mark_tap,
@@ -150,6 +151,7 @@ class SAEMixin(nn.Module):
     """SAELens's ``HookedSAETransformer`` API on the bridge."""
 
     _names: HookNames
+    _owner: Owner
 
     @property
     def _spliced(self) -> dict[str, _Spliced]:
@@ -193,7 +195,7 @@ class SAEMixin(nn.Module):
     def _register(self, spliced: _Spliced, attr: str, tap: Any) -> None:
         point = HookPoint()
         point.name = f"{spliced.name}.{attr}"  # SAELens's cache keys: the SAE's hook name
-        point.owner = self  # silent in other bridges' forwards, as the bridge's own points
+        point.owner = self._owner  # silent in other bridges' forwards, as the bridge's points
         point.bind(tap)
         spliced.points[attr] = point
         self._names.points[point.name] = point

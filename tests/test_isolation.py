@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +177,22 @@ def test_a_call_that_fails_adds_nothing(gpt2: tuple[Any, TransformerBridge]) -> 
         bridge.add_hook("blocks.0.hook_in", None)  # type: ignore[arg-type]  # on purpose
     assert not any(p.has_hooks for p in bridge.hook_dict.values())
     assert bridge.attached_points == 0
+
+
+def test_a_dropped_bridge_is_freed_without_the_cycle_collector(
+    gpt2: tuple[Any, TransformerBridge],
+) -> None:
+    model, _ = gpt2
+    bridge = TransformerBridge.wrap(model)
+    with bridge.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", zero)]):
+        bridge(torch.tensor([[1, 2, 3]]))
+    gone = weakref.ref(bridge)
+    gc.disable()  # hook points refer to the bridge's Owner, not to the bridge: no cycle
+    try:
+        del bridge
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize(
