@@ -257,7 +257,7 @@ def hooked_pattern(
     if n_rep > 1:  # grouped-query attention: share each key/value head
         key = key.repeat_interleave(n_rep, dim=1)
     scale = scaling if scaling is not None else query.size(-1) ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    scores = torch.matmul(query, key.transpose(2, 3)).mul_(scale)  # ours: in place
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if position_bias is not None:
