@@ -19,7 +19,7 @@ from torch import nn
 
 from bridge_core import slices
 from bridge_core.errors import BridgeError, HookNameError, InputError, did_you_mean
-from bridge_core.hooks import HookFn, HookHandle, HookPoint
+from bridge_core.hooks import Hook, HookFn, HookHandle, HookPoint
 from bridge_core.hooks import scope as hook_scope
 from bridge_core.naming import HookNames, NamesFilter
 
@@ -194,22 +194,26 @@ class HookedRoot(nn.Module):
         clear_contexts: bool = False,
     ) -> Iterator[None]:
         """`hooks` on (hook point, function) pairs already checked."""
-        handles: list[HookHandle] = []
+        added: list[tuple[HookPoint, Hook, Literal["fwd", "bwd"]]] = []
         self.context_level += 1
         level = self.context_level
         with hook_scope() as token:  # scoped: these hooks run only in this context's calls
             scope = token if reset_hooks_end else None  # kept ones run in every forward
             try:
                 for point, fn in fwd:
-                    handles.append(point.add_hook(fn, "fwd", scope=scope, level=level))
+                    hook = Hook(fn, False, scope, level)
+                    point.insert(hook, "fwd")
+                    added.append((point, hook, "fwd"))
                 for point, fn in bwd:
-                    handles.append(point.add_hook(fn, "bwd", scope=scope, level=level))
+                    hook = Hook(fn, False, scope, level)
+                    point.insert(hook, "bwd")
+                    added.append((point, hook, "bwd"))
                 yield
             finally:
                 self.context_level -= 1
                 if reset_hooks_end:
-                    for handle in reversed(handles):
-                        handle.remove()
+                    for point, hook, direction in reversed(added):
+                        point.discard(hook, direction)
                 if clear_contexts:
                     self.clear_contexts()
 

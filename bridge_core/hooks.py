@@ -272,7 +272,9 @@ class InputTap:
 
 
 @dataclass(eq=False, slots=True)  # identity: the same function may be added twice
-class _Hook:
+class Hook:
+    """One added hook: its function and how long and where it runs (see `HookPoint.insert`)."""
+
     fn: HookFn
     permanent: bool
     scope: object | None = None  # runs only while this scope is open in the running context
@@ -284,7 +286,7 @@ class HookHandle:
     """Removes one hook from its hook point."""
 
     point: HookPoint
-    hook: _Hook
+    hook: Hook
     direction: Direction
     removed: bool = field(default=False)
 
@@ -292,7 +294,7 @@ class HookHandle:
         """Remove the hook (idempotent)."""
         if not self.removed:
             self.removed = True
-            self.point._discard(self.hook, self.direction)
+            self.point.discard(self.hook, self.direction)
 
     @property
     def is_permanent(self) -> bool:
@@ -357,8 +359,8 @@ class HookPoint(nn.Module):
         init_module(self)
         self.name: str
         self.ctx: dict[Any, Any]
-        self._fwd: list[_Hook]
-        self._bwd: list[_Hook]
+        self._fwd: list[Hook]
+        self._bwd: list[Hook]
         self._tap: Tap | None
         self._attached: Handle | None
         self.calls: int | str
@@ -445,6 +447,17 @@ class HookPoint(nn.Module):
             )
         if dir not in ("fwd", "bwd"):
             raise InputError(f"hook direction must be 'fwd' or 'bwd', got {dir!r}")
+        hook = Hook(fn, is_permanent, scope, level)
+        self.insert(hook, dir, prepend)
+        return HookHandle(self, hook, dir)
+
+    def insert(self, hook: Hook, direction: Direction, prepend: bool = False) -> None:
+        """Add a hook whose function and direction are checked (`add_hook`, and `hooks()`
+        for its many points at once); `discard` takes it away again.
+
+        Raises:
+            BridgeError: the point is not bound to a module, or is off.
+        """
         if self._tap is None:
             raise BridgeError(f"hook point {self.name!r} is not bound to a module")
         if not self.enabled:
@@ -453,14 +466,12 @@ class HookPoint(nn.Module):
                 "every forward it is used in); switch it on first, e.g. "
                 "bridge.set_use_attn_result(True) for attn.hook_result"
             )
-        hook = _Hook(fn, is_permanent, scope, level)
         with self._lock:
             if self._attached is None:  # attach first: if the tap refuses, nothing is left
                 self.__dict__["_attached"] = self._tap.attach(self._run)
                 _count(self.owner, +1)
-            hooks = self._fwd if dir == "fwd" else self._bwd
+            hooks = self._fwd if direction == "fwd" else self._bwd
             hooks.insert(0, hook) if prepend else hooks.append(hook)
-        return HookHandle(self, hook, dir)
 
     def add_perma_hook(self, fn: HookFn, dir: Direction = "fwd") -> HookHandle:
         """Add a hook that `remove_hooks()` keeps unless ``including_permanent=True``."""
@@ -475,14 +486,14 @@ class HookPoint(nn.Module):
         """Remove this point's hooks in direction `dir` (permanent ones only if asked; only
         those added at `hooks()` nesting `level`, if given)."""
         for direction, hook in self._matching(dir, including_permanent, level):
-            self._discard(hook, direction)
+            self.discard(hook, direction)
 
     def _matching(
         self, dir: str, including_permanent: bool, level: int | None
-    ) -> list[tuple[Direction, _Hook]]:
+    ) -> list[tuple[Direction, Hook]]:
         if dir not in ("fwd", "bwd", "both"):
             raise InputError(f"hook direction must be 'fwd', 'bwd' or 'both', got {dir!r}")
-        found: list[tuple[Direction, _Hook]] = []
+        found: list[tuple[Direction, Hook]] = []
         directions: tuple[Direction, ...] = ("fwd", "bwd")
         for direction in directions:
             if dir in (direction, "both"):
@@ -524,7 +535,8 @@ class HookPoint(nn.Module):
         """Run the hooks on `x` (what the forward pass does through the tap)."""
         return self._run(x)
 
-    def _discard(self, hook: _Hook, direction: Direction) -> None:
+    def discard(self, hook: Hook, direction: Direction) -> None:
+        """Remove `hook` (if it is here); the last hook's removal detaches the tap."""
         with self._lock:
             hooks = self._fwd if direction == "fwd" else self._bwd
             if hook in hooks:
@@ -618,6 +630,7 @@ def _grad_hook(fn: HookFn, point: HookPoint) -> Callable[[torch.Tensor], torch.T
 __all__ = [
     "Collect",
     "Handle",
+    "Hook",
     "HookFn",
     "HookHandle",
     "HookPoint",
