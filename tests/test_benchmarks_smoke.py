@@ -33,3 +33,18 @@ def test_smoke_benchmark_runs_and_its_checks_hold(
     assert tiny["cache"]["unique_bytes"] <= tiny["cache"]["bytes_if_aliases_stored_separately"]
     assert tiny["memory"]["bridge_cache_all"]["peak_bytes"] >= 0
     assert len(result["process"]["import_s"]) == 1
+
+
+def test_phases_script_runs_and_reports_every_kind_of_point(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.phases import main
+
+    assert main(["--model", "tiny", "--rounds", "1"]) == 0
+    table = capsys.readouterr().out
+    for row in (
+        "| attach + remove every point | 274 |",
+        "| run_with_hooks, every hook_scale | 25 |",
+    ):
+        assert row in table, table

@@ -1,0 +1,126 @@
+"""``python -m benchmarks.phases``: where the per-hook-point time of one model goes.
+
+`python -m benchmarks` answers "how much does the bridge cost against HF"; this answers
+"which part of it": the same model's forward with no hooks, with one, with a no-op hook on
+every point, attaching and removing those hooks without a forward, caching everything, and
+``run_with_hooks`` with only one kind of point hooked (``hook_scale``, ``hook_pattern`` ...),
+which shows what each kind of tap costs. Everything is timed interleaved
+(`benchmarks.timing`), one torch thread, the CPU clock, under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import models, timing
+from bridge_core import HookPoint, TransformerBridge
+
+
+def noop(tensor: torch.Tensor, hook: HookPoint) -> None:
+    """A hook that only reads."""
+
+
+def variants(bridge: TransformerBridge, case: models.Case) -> dict[str, timing.Variant]:
+    """The phases of one model, and the forward with each kind of point hooked alone."""
+    inputs, model = case.inputs, case.model
+    one = f"blocks.{case.layer}.hook_resid_post"
+    every = [(lambda name: True, noop)]
+
+    def attach_detach() -> None:
+        with bridge.hooks(every):
+            pass
+
+    runs: dict[str, timing.Variant] = {
+        "HF forward": lambda: model(**inputs),
+        "bridge forward": lambda: bridge(**inputs),
+        "run_with_cache, one point": lambda: bridge.run_with_cache(**inputs, names_filter=one),
+        "run_with_cache, every point": lambda: bridge.run_with_cache(**inputs),
+        "run_with_hooks, one point": lambda: bridge.run_with_hooks(
+            **inputs, fwd_hooks=[(one, noop)]
+        ),
+        "run_with_hooks, every point": lambda: bridge.run_with_hooks(**inputs, fwd_hooks=every),
+        "attach + remove every point": attach_detach,
+    }
+    for kind in sorted(_kinds(bridge)):
+        runs[f"run_with_hooks, every {kind}"] = _hooked(bridge, inputs, kind)
+    return runs
+
+
+def _hooked(bridge: TransformerBridge, inputs: dict[str, Any], kind: str) -> timing.Variant:
+    """``run_with_hooks`` with a no-op hook on every point of one kind."""
+    hooks = [(lambda name: name.endswith("." + kind), noop)]
+    return lambda: bridge.run_with_hooks(**inputs, fwd_hooks=hooks)
+
+
+def _kinds(bridge: TransformerBridge) -> Counter[str]:
+    """How many points of each kind (the last part of the name) are on."""
+    return Counter(n.rpartition(".")[2] for n, p in bridge.hook_dict.items() if p.enabled)
+
+
+def table(bridge: TransformerBridge, stats: dict[str, timing.Stats]) -> str:
+    """Markdown: each variant's median and min, and its cost over the bridge's forward.
+
+    Attaching and removing runs no forward: its cost is its time. The per-point cost of one
+    kind of point is over ``run_with_hooks`` of one point, so that the call's own cost is not
+    spread over the kind's points.
+    """
+    kinds = _kinds(bridge)
+    every = sum(kinds.values())
+    points = {name: kinds[name.removeprefix("run_with_hooks, every ")] for name in stats}
+    points.update({"run_with_cache, one point": 1, "run_with_hooks, one point": 1})
+    for name in ("run_with_cache, every point", "run_with_hooks, every point"):
+        points[name] = every
+    points["attach + remove every point"] = every
+    base, one = stats["bridge forward"].median, stats["run_with_hooks, one point"].median
+    lines = [
+        "| variant | points | median | min | over the bridge forward | per point |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, stat in stats.items():
+        count = points.get(name, 0)
+        over = stat.median - base
+        if name == "attach + remove every point":
+            over = stat.median  # no forward: its cost is its time
+        per_point = over / count if count else 0.0
+        if name.startswith("run_with_hooks, every hook_"):  # less one point's call and hook
+            per_point = (stat.median - one) / max(count - 1, 1)
+        cells = [name, str(count or ""), f"{stat.median * 1e3:.3f} ms", f"{stat.min * 1e3:.3f} ms"]
+        cells.append(f"{over * 1e3:+.3f} ms" if count else "")
+        cells.append(f"{per_point * 1e6:.1f} us" if count else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.phases", description=__doc__)
+    parser.add_argument("--model", default="tiny", choices=models.MODELS)
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (default 7)")
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as root, models.quiet_transformers():
+            case = models.build(args.model, Path(root))
+            bridge = TransformerBridge.wrap(
+                case.model, tokenizer=case.tokenizer, processor=case.processor
+            )
+            with torch.no_grad():
+                runs = variants(bridge, case)
+                inner = timing.calibrate(runs["bridge forward"], timing.SAMPLE_S)
+                stats = timing.interleave(runs, args.rounds, inner=inner, clock="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    print(f"{args.model}: {args.rounds} rounds of {inner} calls, medians and mins per call")
+    print(table(bridge, stats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
