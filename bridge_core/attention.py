@@ -32,12 +32,12 @@ from bridge_core.hooks import (
     Run,
     changed_since,
     first_tensor,
-    forward_hook,
     replace_first,
     snapshot,
 )
 from bridge_core.routes import Route, Routes, Runs
 from bridge_core.switches import PREFIX, KernelSwitch, watch
+from bridge_core.torch_hooks import forward_hook
 
 Which = Literal["scores", "pattern", "rot_q", "rot_k"]
 Kernel = Callable[..., tuple[torch.Tensor, Any]]

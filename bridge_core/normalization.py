@@ -31,11 +31,11 @@ from bridge_core.hooks import (
     Run,
     changed_since,
     first_tensor,
-    forward_hook,
     replace_first,
     snapshot,
 )
 from bridge_core.routes import Route, Routes
+from bridge_core.torch_hooks import forward_hook
 
 Which = Literal["scale", "normalized", "out"]
 Kind = Literal["LN", "RMS"]

@@ -18,7 +18,8 @@ from typing import Any, Protocol
 from torch import nn
 
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, forward_hook, forward_pre_hook
+from bridge_core.hooks import Handle
+from bridge_core.torch_hooks import forward_hook, forward_pre_hook
 
 PREFIX = "transformer_bridge|"
 

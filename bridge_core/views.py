@@ -23,9 +23,9 @@ from bridge_core.hooks import (
     Run,
     Tap,
     changed_since,
-    forward_pre_hook,
     snapshot,
 )
+from bridge_core.torch_hooks import forward_pre_hook
 
 
 class Step(Protocol):

@@ -23,8 +23,9 @@ from bridge_core.attention import exact_with_grad
 from bridge_core.components.base import GeneralizedComponent, Shape
 from bridge_core.components.experts import ExpertTap, Which, expert_weights
 from bridge_core.errors import BridgeError
-from bridge_core.hooks import Handle, HookPoint, Run, forward_hook
+from bridge_core.hooks import Handle, HookPoint, Run
 from bridge_core.routes import Route, Routes
+from bridge_core.torch_hooks import forward_hook
 from bridge_core.views import Tokens, ViewTap
 
 RouterOutput = Literal["logits", "weights", "indices"]

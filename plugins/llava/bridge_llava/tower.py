@@ -29,9 +29,9 @@ from bridge_core.hooks import (
     Handle,
     Run,
     first_tensor,
-    forward_hook,
     replace_first,
 )
+from bridge_core.torch_hooks import forward_hook
 from bridge_llava import vision
 from bridge_llava.vision import FeatureLayer, Strategy
 

@@ -1,0 +1,94 @@
+"""The PyTorch hooks that taps register on HF modules, marked as theirs.
+
+Taps attach and remove their hooks on every hooked call, hundreds per forward, so they write
+to a module's hook tables directly (`forward_hook`, `forward_pre_hook`: what
+``register_forward_hook`` / ``register_forward_pre_hook`` do, without a handle of weak
+references each time), under keys PyTorch never uses. Every such hook is marked
+(`mark_tap`), so that a copy of a hooked model can drop them (`strip_taps`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+
+def mark_tap(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a PyTorch hook function as a bridge tap's (a copied model can then drop it)."""
+    function.__dict__["transformer_bridge_tap"] = True
+    return function
+
+
+def is_tap(function: object) -> bool:
+    """Whether `function` is a PyTorch hook a bridge tap registered (see `mark_tap`)."""
+    return bool(getattr(function, "transformer_bridge_tap", False))
+
+
+def strip_taps(model: nn.Module) -> None:
+    """Remove the PyTorch hooks of bridge taps from `model`'s modules (in a copy of a model)."""
+    for module in model.modules():
+        tables = (
+            (module._forward_hooks, (module._forward_hooks_with_kwargs,
+                                     module._forward_hooks_always_called)),
+            (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+        )  # fmt: skip
+        for hooks, flags in tables:
+            for key in [k for k, fn in hooks.items() if is_tap(fn)]:
+                del hooks[key]
+                for flag in flags:
+                    flag.pop(key, None)
+
+
+_KEYS = itertools.count(-1, -1)  # PyTorch numbers its own hooks from 0 up: ours never collide
+
+
+@dataclass(eq=False, slots=True)
+class TorchHook:
+    """A PyTorch module hook that a tap registered (`forward_hook`, `forward_pre_hook`)."""
+
+    hooks: dict[int, Any]
+    key: int
+    flags: dict[int, bool] | None = None
+
+    def remove(self) -> None:
+        """Unregister the hook (idempotent)."""
+        self.hooks.pop(self.key, None)
+        if self.flags is not None:
+            self.flags.pop(self.key, None)
+
+
+def forward_hook(module: nn.Module, fn: Callable[..., Any], prepend: bool = True) -> TorchHook:
+    """Register `fn` as a forward hook of `module` (first, unless not `prepend`), marked as a
+    tap's (`mark_tap`).
+
+    What ``register_forward_hook(fn, prepend=prepend)`` does, without the handle's weak
+    references: taps are attached and removed on every hooked call, hundreds per forward.
+    """
+    return _register(module._forward_hooks, fn, prepend)
+
+
+def forward_pre_hook(
+    module: nn.Module, fn: Callable[..., Any], with_kwargs: bool = True, prepend: bool = True
+) -> TorchHook:
+    """Register `fn` as a forward pre-hook of `module` (called with the keyword arguments
+    unless not `with_kwargs`; first unless not `prepend`), marked as a tap's."""
+    hook = _register(module._forward_pre_hooks, fn, prepend)
+    if with_kwargs:
+        hook.flags = module._forward_pre_hooks_with_kwargs
+        hook.flags[hook.key] = True
+    return hook
+
+
+def _register(hooks: Any, fn: Callable[..., Any], prepend: bool) -> TorchHook:
+    key = next(_KEYS)
+    hooks[key] = mark_tap(fn)
+    if prepend:
+        hooks.move_to_end(key, last=False)  # an OrderedDict (typed as a dict in torch)
+    return TorchHook(hooks, key)
+
+
+__all__ = ["TorchHook", "forward_hook", "forward_pre_hook", "is_tap", "mark_tap", "strip_taps"]
