@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 HookSpec = tuple[str | Callable[[str], bool], HookFn]
 Direction = Literal["fwd", "bwd", "both"]
+OneWay = Literal["fwd", "bwd"]
 _HEAD_DIM_POINTS = (
     "hook_q",
     "hook_k",
@@ -194,20 +195,19 @@ class HookedRoot(nn.Module):
         clear_contexts: bool = False,
     ) -> Iterator[None]:
         """`hooks` on (hook point, function) pairs already checked."""
-        added: list[tuple[HookPoint, Hook, Literal["fwd", "bwd"]]] = []
+        added: list[tuple[HookPoint, Hook, OneWay]] = []
         self.context_level += 1
         level = self.context_level
         with hook_scope() as token:  # scoped: these hooks run only in this context's calls
             scope = token if reset_hooks_end else None  # kept ones run in every forward
             try:
-                for point, fn in fwd:
-                    hook = Hook(fn, False, scope, level)
-                    point.insert(hook, "fwd")
-                    added.append((point, hook, "fwd"))
-                for point, fn in bwd:
-                    hook = Hook(fn, False, scope, level)
-                    point.insert(hook, "bwd")
-                    added.append((point, hook, "bwd"))
+                directions: tuple[tuple[OneWay, Sequence[tuple[HookPoint, HookFn]]], ...]
+                directions = (("fwd", fwd), ("bwd", bwd))
+                for direction, pairs in directions:
+                    for point, fn in pairs:
+                        hook = Hook(fn, False, scope, level)
+                        point.insert(hook, direction)
+                        added.append((point, hook, direction))
                 yield
             finally:
                 self.context_level -= 1
