@@ -26,6 +26,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
+from bridge_core.eager_kernel import EagerTaps
 from bridge_core.errors import BridgeError
 from bridge_core.hooks import (
     Handle,
@@ -55,6 +56,7 @@ class _Route(Route[str]):
 
     called: bool = False
     kernel: Kernel | None = None  # the module's own kernel, looked up once when hooked
+    eager: bool = False  # the kernel is the module's eager one, which computes the pattern
 
     def release(self, module: nn.Module) -> None:
         """The module's last: its config goes back to its own kernel."""
@@ -87,6 +89,7 @@ class PatternTap:
         route = _Route()
         route.handles = watch(self.module, route, functools.partial(_missed, runs=route.runs))
         route.kernel = _original_kernel(self.module)
+        route.eager = SWITCH.original(self.module) == "eager"
         return route
 
 
@@ -178,10 +181,13 @@ def route_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotated q/k, scores and pattern hooks for hooked modules; the original kernel otherwise.
 
-    The pattern is computed as HF's eager attention computes it. While the hooks leave it
-    as it is (reading it, or returning an equal tensor), the module's output still comes
-    from the original kernel, so observing never changes the model's outputs; once a hook
-    changes the scores or the pattern, the output is computed from the edited pattern.
+    A module running eager attention computes its pattern itself: the hooks run inside its
+    kernel, on the kernel's own tensors (`bridge_core.eager_kernel`). Otherwise (sdpa, or an
+    eager kernel that is not understood) the pattern is computed beside the kernel, as HF's
+    eager attention computes it. While the hooks leave it as it is (reading it, or returning
+    an equal tensor), the module's output still comes from the original kernel, so observing
+    never changes the model's outputs; once a hook changes the scores or the pattern, the
+    output is computed from the edited pattern.
     """
     route = _ROUTES.get(module)
     if route is None or not route.runs or route.kernel is None:
@@ -195,10 +201,20 @@ def route_attention(
         key = _through_heads(route, "rot_k", key)
     if "scores" not in runs and "pattern" not in runs:
         return original(module, query, key, value, attention_mask, **kwargs)
+    output = None
+    if route.eager:  # the kernel computes the pattern: the hooks run inside it
+        shape = torch.Size((*query.shape[:3], key.shape[2]))
+        taps = EagerTaps(shape, runs.get("scores"), runs.get("pattern"))
+        with taps:
+            output, _ = original(module, query, key, value, attention_mask, **kwargs)
+        if taps.understood:
+            return output, cast(torch.Tensor, taps.pattern)
+        taps.check(module)
     pattern, edited, replaced = hooked_pattern(module, query, key, attention_mask, route, **kwargs)
     if edited:
         return _from_pattern(module, pattern, value, kwargs), pattern
-    output, _ = original(module, query, key, value, attention_mask, **kwargs)
+    if output is None:
+        output, _ = original(module, query, key, value, attention_mask, **kwargs)
     if replaced and pattern.requires_grad and torch.is_grad_enabled():  # backward hooks
         output = exact_with_grad(output, _from_pattern(module, pattern, value, kwargs))
     return output, pattern
