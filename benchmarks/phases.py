@@ -6,6 +6,8 @@ every point, attaching and removing those hooks without a forward, caching every
 ``run_with_hooks`` with only one kind of point hooked (``hook_scale``, ``hook_pattern`` ...),
 which shows what each kind of tap costs. Everything is timed interleaved
 (`benchmarks.timing`), one torch thread, the CPU clock, under ``torch.no_grad()``.
+``--attn eager`` loads the saved model with eager attention, whose kernel computes the
+patterns that the hooks then see (with sdpa, the bridge computes them beside the kernel).
 """
 
 from __future__ import annotations
@@ -102,12 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.phases", description=__doc__)
     parser.add_argument("--model", default="tiny", choices=models.MODELS)
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (default 7)")
+    parser.add_argument(
+        "--attn", choices=("sdpa", "eager"), default="sdpa", help="attention kernel (default sdpa)"
+    )
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with tempfile.TemporaryDirectory() as root, models.quiet_transformers():
             case = models.build(args.model, Path(root))
+            if args.attn != "sdpa":
+                case = models.load(case.directory, attn_implementation=args.attn)
             bridge = TransformerBridge.wrap(
                 case.model, tokenizer=case.tokenizer, processor=case.processor
             )
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 stats = timing.interleave(runs, args.rounds, inner=inner, clock="cpu")
     finally:
         torch.set_num_threads(threads)
-    print(f"{args.model}: {args.rounds} rounds of {inner} calls, medians and mins per call")
+    print(f"{args.model} ({args.attn}): {args.rounds} rounds of {inner} calls, median and min")
     print(table(bridge, stats))
     return 0
 

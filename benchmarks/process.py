@@ -53,6 +53,7 @@ MEMORY_RUNS = (
     "bridge_forward",
     "hf_outputs",
     "bridge_cache_all",
+    "bridge_cache_all_eager",
     "bridge_cache_hf_set",
     "hf_torch_save",
     "bridge_cache_one",
@@ -160,7 +161,7 @@ def _memory_worker(directory: Path, repeats: int = 3) -> dict[str, Any]:
     bridge, note = workloads.wrap(case)
     runs = baselines.hf_runs(case, eager.eval())
     if bridge is not None:
-        runs |= workloads.bridge_runs(case, bridge)
+        runs |= workloads.bridge_runs(case, bridge, eager)
     result: dict[str, Any] = {"method": "RSS (VmHWM above VmRSS before the call)", "note": note}
     with torch.no_grad():
         for run in runs.values():

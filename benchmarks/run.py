@@ -88,7 +88,7 @@ def measure(case: models.Case, settings: Settings) -> dict[str, Any]:
     eager = case.model_class.from_pretrained(case.directory, attn_implementation="eager").eval()
     bridge, note = workloads.wrap(case)
     hf = baselines.hf_runs(case, eager)
-    bridged = workloads.bridge_runs(case, bridge) if bridge is not None else {}
+    bridged = workloads.bridge_runs(case, bridge, eager) if bridge is not None else {}
     entry: dict[str, Any] = {
         "description": case.description,
         "params": case.n_params,

@@ -3,6 +3,10 @@
 The HF baselines they are compared with are in `benchmarks.baselines`. The bridge's
 ``run_with_cache`` of everything caches far more than HF's ``hf_outputs`` (every hook point);
 ``bridge_cache_hf_set`` caches just what HF returns, for a like-for-like comparison.
+``hf_outputs`` runs an eager-attention copy of the model (the kernel that returns the
+patterns); ``bridge_cache_all`` runs the model as loaded (sdpa), beside whose fused kernel the
+bridge computes every pattern a second time, and ``bridge_cache_all_eager`` bridges the same
+eager copy as HF, whose kernel computes each pattern once for both.
 `check` verifies the claims the timings rest on (bitwise-equal logits, the same cached and
 ablated values) before timing.
 """
@@ -71,16 +75,19 @@ def hf_output_names(bridge: TransformerBridge) -> list[str]:
     ]
 
 
-def bridge_runs(case: Case, bridge: TransformerBridge) -> Runs:
+def bridge_runs(case: Case, bridge: TransformerBridge, eager: Any) -> Runs:
     """The bridge's versions of the same operations, and what cache protection and the opt-in
-    ``hook_result`` cost (each on a bridge of its own over the same model)."""
+    ``hook_result`` cost (each on a bridge of its own over the same model); caching
+    everything is also timed on a bridge over `eager`, HF's eager-attention copy."""
     inputs, names = case.inputs, Names.of(case)
     ablation = [(names.hook_z, zero_head(case.head))]
     hf_set = hf_output_names(bridge)
     copying, results = _copying_bridge(case), _result_bridge(case)
+    over_eager = TransformerBridge.wrap(eager, tokenizer=case.tokenizer, processor=case.processor)
     return {
         "bridge_forward": lambda: bridge(**inputs),
         "bridge_cache_all": lambda: bridge.run_with_cache(**inputs),
+        "bridge_cache_all_eager": lambda: over_eager.run_with_cache(**inputs),
         "bridge_cache_all_copied": lambda: copying.run_with_cache(**inputs),
         "bridge_cache_all_results": lambda: results.run_with_cache(**inputs),
         "bridge_cache_hf_set": lambda: bridge.run_with_cache(**inputs, names_filter=hf_set),
@@ -133,6 +140,11 @@ def check(case: Case, hf: Runs, bridge: Runs | None) -> dict[str, bool]:
     logits, cache = cast(tuple[torch.Tensor, ActivationCache], bridge["bridge_cache_all"]())
     one_logits, one = cast(tuple[torch.Tensor, ActivationCache], bridge["bridge_cache_one"]())
     ablated = logits_of(bridge["bridge_ablate"]())
+    outputs = hf["hf_outputs"]()
+    eager_logits, eager_cache = cast(
+        tuple[torch.Tensor, ActivationCache], bridge["bridge_cache_all_eager"]()
+    )
+    patterns = [eager_cache["pattern", i] for i in range(len(outputs.attentions))]
     return {
         "forward_bitwise_equal": torch.equal(logits_of(bridge["bridge_forward"]()), reference),
         "cache_all_logits_bitwise_equal": torch.equal(logits, reference),
@@ -141,6 +153,10 @@ def check(case: Case, hf: Runs, bridge: Runs | None) -> dict[str, bool]:
         "cache_one_equals_torch_hook": torch.equal(one[name], saved) and len(one) == 1,
         "ablation_equals_torch_hook": torch.equal(ablated, logits_of(hf["hf_torch_ablate"]())),
         "ablation_changes_logits": not torch.equal(ablated, reference),
+        "eager_cache_all_logits_bitwise_equal": torch.equal(eager_logits, outputs.logits),
+        "eager_patterns_equal_hf_attentions": all(
+            torch.equal(p, a) for p, a in zip(patterns, outputs.attentions, strict=True)
+        ),
     }
 
 
