@@ -18,8 +18,10 @@ from torch.overrides import TorchFunctionMode
 from transformers.models.gpt2 import modeling_gpt2
 
 from bridge_adapters import tiny
+from bridge_adapters.families import FAMILIES
 from bridge_core import HookPoint, TransformerBridge
 from bridge_core.errors import BridgeError
+from bridge_core.verify import example_inputs
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,30 @@ def test_patterns_are_the_kernels_own(eager: tuple[Any, TransformerBridge]) -> N
     torch.testing.assert_close(cache["pattern", 0], cache["attn_scores", 0].softmax(-1))
 
 
+_HF_ATTENTIONS = ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions")
+
+
+@pytest.mark.parametrize("name", sorted(set(FAMILIES) - {"falcon"}))
+def test_every_familys_eager_patterns_are_hfs_attentions(name: str) -> None:
+    # Falcon-7B computes attention in its own forward: its adapter's kernel stands in for it
+    # and is compared with HF's weights in test_falcon.py
+    model, tokenizer = FAMILIES[name]()
+    if name.startswith("falcon"):
+        model.config._attn_implementation = "eager"  # Falcon cannot switch it dynamically
+    else:
+        model.set_attn_implementation("eager")
+    bridge = TransformerBridge.wrap(model, tokenizer=tokenizer)
+    inputs = example_inputs(bridge)
+    with torch.no_grad():
+        reference = model(**inputs, output_attentions=True)
+        logits, cache = bridge.run_with_cache(**inputs, names_filter=lambda n: "pattern" in n)
+    assert torch.equal(logits, reference.logits if hasattr(reference, "logits") else reference[0])
+    attentions = [a for k in _HF_ATTENTIONS for a in getattr(reference, k, None) or ()]
+    assert attentions and len(attentions) == len(cache)
+    for index, expected in enumerate(attentions):
+        assert any(torch.equal(p, expected) for p in cache.values()), (name, index)
+
+
 class _CountSoftmax(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
@@ -78,7 +104,7 @@ def test_the_kernel_computes_each_pattern_once(eager: tuple[Any, TransformerBrid
 
 def test_a_bfloat16_gpt2_pattern_is_its_kernels_own() -> None:
     model, tokenizer = tiny.tiny_gpt2()
-    model = model.to(torch.bfloat16)
+    model = model.bfloat16()
     model.set_attn_implementation("eager")  # its softmax runs in bfloat16, not float32
     bridge = TransformerBridge.wrap(model, tokenizer=tokenizer)
     ids = torch.randint(3, 500, (2, 7))
