@@ -9,8 +9,8 @@ kernel runs under a `TorchFunctionMode` that watches its torch calls:
 - the input of its softmax is the scores (``[batch, head, q_pos, k_pos]``, mask added): the
   scores hooks run on it, and the softmax takes what they return;
 - the softmax's output, after any dtype casts, is the pattern: the pattern hooks run on it
-  when the next operation (dropout, the product with the values) takes it, and every later
-  operation takes what they return.
+  when the next operation that uses it (dropout, the product with the values; not a read of
+  its shape or dtype) takes it, and every later operation takes what they return.
 
 So the hooks see the kernel's own tensors bit for bit, an edit is computed by the kernel
 itself, and a gradient through the hooked pattern is the kernel's. A kernel whose softmax does
@@ -43,6 +43,11 @@ _CASTS: frozenset[Any] = frozenset(
         torch.Tensor.bfloat16,
         torch.Tensor.double,
     }
+)
+
+# what only reads a tensor's metadata: no use of the pattern (``.dtype``, ``.shape`` are getters)
+_READS: frozenset[Any] = frozenset(
+    {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.stride}
 )
 
 _WAITING, _SOFTMAXED, _HOOKED, _UNKNOWN = range(4)
@@ -93,7 +98,7 @@ class EagerTaps(TorchFunctionMode):
             if func in _CASTS:  # still the pattern, in another dtype
                 self.current = func(*args, **kwargs)
                 return self.current
-            if getattr(func, "__name__", "") != "__get__":  # reading .dtype is no use of it
+            if func not in _READS and getattr(func, "__name__", "") != "__get__":
                 self._hook_pattern()
                 stage = self.stage
         if stage == _HOOKED and self.pattern is not self.current:

@@ -205,11 +205,35 @@ def _unused_softmax_kernel(
     return out.transpose(1, 2), weights
 
 
+def _checking_kernel(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A kernel that reads its float32 softmax's shape and dtype before casting it back."""
+    weights = torch.matmul(query, key.transpose(-1, -2)) * (scaling or query.size(-1) ** -0.5)
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32)
+    if weights.size(-1) != key.shape[-2] or weights.dtype != torch.float32:
+        raise AssertionError("not the softmax asked for")
+    weights = weights.to(query.dtype)
+    return torch.matmul(weights, value).transpose(1, 2), weights
+
+
 def _eager_gpt2(
-    monkeypatch: pytest.MonkeyPatch, kernel: Callable[..., Any]
+    monkeypatch: pytest.MonkeyPatch,
+    kernel: Callable[..., Any],
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Any, TransformerBridge]:
     monkeypatch.setattr(modeling_gpt2, "eager_attention_forward", kernel)
+    model: Any
     model, tokenizer = tiny.tiny_gpt2()
+    model = model.to(dtype)
     model.set_attn_implementation("eager")
     return model, TransformerBridge.wrap(model, tokenizer=tokenizer)
 
@@ -250,3 +274,25 @@ def test_a_kernel_that_never_uses_its_softmax_is_an_error(
     assert not any(p.has_hooks() for p in bridge.hook_dict.values())
     assert model.config._attn_implementation == "eager"
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_the_pattern_is_what_the_kernel_uses_after_reads_of_its_shape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, bridge = _eager_gpt2(monkeypatch, _checking_kernel, torch.bfloat16)
+    ids = torch.randint(3, 500, (2, 7))
+    seen: list[torch.dtype] = []
+
+    def halve_head_1(pattern: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        seen.append(pattern.dtype)
+        return pattern * torch.tensor([1.0, 0.5, 1.0, 1.0], dtype=pattern.dtype)[:, None, None]
+
+    with torch.no_grad():
+        reference = model(ids, output_attentions=True)
+        _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("pattern"))
+        edited = bridge.run_with_hooks(
+            ids, fwd_hooks=[("blocks.0.attn.hook_pattern", halve_head_1)]
+        )
+    assert seen == [torch.bfloat16]  # after the cast, not at the read of its size
+    assert all(torch.equal(cache["pattern", i], a) for i, a in enumerate(reference.attentions))
+    assert not torch.equal(edited, reference.logits)  # the kernel went on with the edit
