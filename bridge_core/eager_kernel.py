@@ -2,8 +2,9 @@
 
 A model that runs eager attention computes the pattern itself. Computing it a second time
 beside the kernel (as `bridge_core.attention` must for sdpa, whose fused kernel never shows
-it) would double the attention's cost and give a pattern that is only close to the kernel's:
-GPT-2 divides the scores by the square root where Llama multiplies by the scale. Instead, the
+it) would double the attention's cost and give a pattern equal to the kernel's only where the
+formulas agree to the last operation (GPT-2's eager softmax runs in the model's dtype, Llama's
+in float32; each family's kernel has its own order of scale, mask and cast). Instead, the
 kernel runs under a `TorchFunctionMode` that watches its torch calls:
 
 - the input of its softmax is the scores (``[batch, head, q_pos, k_pos]``, mask added): the
@@ -60,7 +61,7 @@ class EagerTaps(TorchFunctionMode):
     def __init__(self, shape: torch.Size, scores: Run | None, pattern: Run | None) -> None:
         super().__init__()
         self.shape = shape
-        self.scores = scores
+        self.scores_run = scores
         self.pattern_run = pattern
         self.stage = _WAITING
         self.current: torch.Tensor | None = None  # the pattern as the kernel has it
@@ -112,8 +113,8 @@ class EagerTaps(TorchFunctionMode):
         if not isinstance(scores, torch.Tensor) or scores.shape != self.shape:
             self.stage = _UNKNOWN  # not the softmax of the scores: leave the kernel alone
             return func(*args, **kwargs)
-        if self.scores is not None:
-            hooked = self.scores(scores)
+        if self.scores_run is not None:
+            hooked = self.scores_run(scores)
             if hooked is not scores:
                 args, kwargs = _replaced(scores, hooked, args, kwargs)
         self.current = func(*args, **kwargs)
