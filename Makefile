@@ -41,7 +41,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict $(PACKAGES)
+	$(BIN)/mypy --strict $(PACKAGES) benchmarks
 
 docs: setup
 	$(BIN)/mkdocs build --strict --site-dir site

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import transformers
@@ -132,7 +132,7 @@ def load(directory: Path, attn_implementation: str | None = None) -> Case:
     inputs = torch.load(directory / _INPUTS_FILE)
     text: dict[str, Any] = {}
     if (directory / "processor_config.json").exists():
-        text["processor"] = transformers.AutoProcessor.from_pretrained(directory)
+        text["processor"] = cast(Any, transformers.AutoProcessor).from_pretrained(directory)
     elif (directory / "tokenizer_config.json").exists():
         text["tokenizer"] = transformers.AutoTokenizer.from_pretrained(directory)
     return Case(model=model, inputs=inputs, directory=directory, **meta, **text)

@@ -18,7 +18,7 @@ import importlib
 import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -225,7 +225,7 @@ def _nnsight(case: Case, fresh: Fresh) -> Tool:
 
     def read_one(result: Any) -> torch.Tensor:
         saved = result[1]
-        return saved[0] if isinstance(saved, tuple) else saved
+        return cast(torch.Tensor, saved[0] if isinstance(saved, tuple) else saved)
 
     return Tool(
         name="nnsight",

@@ -140,7 +140,7 @@ def check(case: Case, hf: Runs, bridge: Runs | None) -> dict[str, bool]:
     logits, cache = cast(tuple[torch.Tensor, ActivationCache], bridge["bridge_cache_all"]())
     one_logits, one = cast(tuple[torch.Tensor, ActivationCache], bridge["bridge_cache_one"]())
     ablated = logits_of(bridge["bridge_ablate"]())
-    outputs = hf["hf_outputs"]()
+    outputs: Any = hf["hf_outputs"]()
     eager_logits, eager_cache = cast(
         tuple[torch.Tensor, ActivationCache], bridge["bridge_cache_all_eager"]()
     )
