@@ -196,8 +196,9 @@ class HookedRoot(nn.Module):
     ) -> Iterator[None]:
         """`hooks` on (hook point, function) pairs already checked."""
         added: list[tuple[HookPoint, Hook, OneWay]] = []
-        self.context_level += 1
-        level = self.context_level
+        level = self.context_level + 1
+        state = vars(self)  # plain state: nn.Module.__setattr__ costs microseconds a call
+        state["context_level"] = level
         with hook_scope() as token:  # scoped: these hooks run only in this context's calls
             scope = token if reset_hooks_end else None  # kept ones run in every forward
             try:
@@ -210,7 +211,7 @@ class HookedRoot(nn.Module):
                         added.append((point, hook, direction))
                 yield
             finally:
-                self.context_level -= 1
+                state["context_level"] = self.context_level - 1
                 if reset_hooks_end:
                     for point, hook, direction in reversed(added):
                         point.discard(hook, direction)
