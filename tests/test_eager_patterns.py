@@ -172,6 +172,14 @@ def test_gradients_reach_the_pattern_of_the_kernel(eager: tuple[Any, Transformer
     torch.testing.assert_close(grad, expected["blocks.0.attn.hook_pattern_grad"])
 
 
+def _masked_scores(
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float | None
+) -> torch.Tensor:
+    """Scaled dot products plus the additive mask, as GPT-2's eager kernel computes them."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * (scaling or query.size(-1) ** -0.5)
+    return scores if mask is None else scores + mask
+
+
 def _manual_softmax_kernel(
     module: nn.Module,
     query: torch.Tensor,
@@ -183,9 +191,7 @@ def _manual_softmax_kernel(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPT-2's eager kernel with the softmax written out: no softmax call to find."""
-    weights = torch.matmul(query, key.transpose(-1, -2)) * (scaling or query.size(-1) ** -0.5)
-    if attention_mask is not None:
-        weights = weights + attention_mask
+    weights = _masked_scores(query, key, attention_mask, scaling)
     weights = (weights - weights.amax(-1, keepdim=True)).exp()
     weights = weights / weights.sum(-1, keepdim=True)
     return torch.matmul(weights, value).transpose(1, 2), weights
@@ -215,9 +221,7 @@ def _checking_kernel(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A kernel that reads its float32 softmax's shape and dtype before casting it back."""
-    weights = torch.matmul(query, key.transpose(-1, -2)) * (scaling or query.size(-1) ** -0.5)
-    if attention_mask is not None:
-        weights = weights + attention_mask
+    weights = _masked_scores(query, key, attention_mask, scaling)
     weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32)
     if weights.size(-1) != key.shape[-2] or weights.dtype != torch.float32:
         raise AssertionError("not the softmax asked for")
