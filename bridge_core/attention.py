@@ -88,8 +88,9 @@ class PatternTap:
         SWITCH.on(self.module)
         route = _Route()
         route.handles = watch(self.module, route, functools.partial(_missed, runs=route.runs))
-        route.kernel = _original_kernel(self.module)
-        route.eager = SWITCH.original(self.module) == "eager"
+        original = SWITCH.original(self.module)
+        route.kernel = _original_kernel(self.module, original)
+        route.eager = original == "eager"
         return route
 
 
@@ -158,10 +159,13 @@ SWITCH = KernelSwitch(
 """Points a hooked attention module's config at `route_attention` (see `bridge_core.switches`)."""
 
 
-def _original_kernel(module: nn.Module) -> Kernel:
+def _original_kernel(module: nn.Module, original: str | None = None) -> Kernel:
+    """The kernel `module` runs under its own kernel name `original` (by default its config's;
+    `SWITCH.original` is also right in a copy of a model made while hooked)."""
     from transformers import AttentionInterface
 
-    original = SWITCH.original(module)  # also right in a copy of a model made while hooked
+    if original is None:
+        original = SWITCH.original(module)
     if original != "eager":
         # typed differently across transformers 5.x (Any, then a plain function)
         return cast(Kernel, AttentionInterface._global_mapping[original])
