@@ -136,6 +136,26 @@ def test_a_zeroed_pattern_head_is_a_zeroed_z_head(eager: tuple[Any, TransformerB
         assert not torch.equal(by_pattern, bridge(ids))
 
 
+def test_patterns_under_inference_mode(eager: tuple[Any, TransformerBridge]) -> None:
+    model, bridge = eager
+    ids = torch.randint(3, 500, (2, 7))
+
+    def halve(pattern: torch.Tensor, hook: HookPoint) -> None:
+        pattern.mul_(0.5)  # in place, on an inference tensor
+
+    with torch.inference_mode():
+        reference = model(ids, output_attentions=True)
+        logits, cache = bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("pattern"))
+        halved = bridge.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_pattern", halve)])
+        by_hand = bridge.run_with_hooks(
+            ids, fwd_hooks=[("blocks.0.attn.hook_z", lambda z, hook: z * 0.5)]
+        )
+    assert torch.equal(logits, reference.logits) and cache["pattern", 0].is_inference()
+    assert all(torch.equal(cache["pattern", i], a) for i, a in enumerate(reference.attentions))
+    torch.testing.assert_close(halved, by_hand)  # half the pattern is half of z
+    assert not torch.equal(halved, logits)
+
+
 def test_edited_scores_go_into_the_kernels_softmax(eager: tuple[Any, TransformerBridge]) -> None:
     _, bridge = eager
     ids = torch.randint(3, 500, (2, 7))
