@@ -117,21 +117,23 @@ def test_a_bfloat16_gpt2_pattern_is_its_kernels_own() -> None:
         assert torch.equal(cache["pattern", layer], attentions), layer
 
 
+def _zero_pattern_head_1(pattern: torch.Tensor, hook: HookPoint) -> None:
+    pattern[:, 1] = 0.0
+
+
+def _zero_z_head_1(z: torch.Tensor, hook: HookPoint) -> None:
+    z[:, :, 1] = 0.0
+
+
 def test_a_zeroed_pattern_head_is_a_zeroed_z_head(eager: tuple[Any, TransformerBridge]) -> None:
     _, bridge = eager
     ids = torch.randint(3, 500, (2, 7))
 
-    def zero_pattern(pattern: torch.Tensor, hook: HookPoint) -> None:
-        pattern[:, 1] = 0.0
-
-    def zero_z(z: torch.Tensor, hook: HookPoint) -> None:
-        z[:, :, 1] = 0.0
-
     with torch.no_grad():
         by_pattern = bridge.run_with_hooks(
-            ids, fwd_hooks=[("blocks.0.attn.hook_pattern", zero_pattern)]
+            ids, fwd_hooks=[("blocks.0.attn.hook_pattern", _zero_pattern_head_1)]
         )
-        by_z = bridge.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_z", zero_z)])
+        by_z = bridge.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_z", _zero_z_head_1)])
         assert torch.equal(by_pattern, by_z)
         assert not torch.equal(by_pattern, bridge(ids))
 
@@ -274,16 +276,10 @@ def test_a_kernel_without_a_softmax_gets_the_pattern_computed_beside_it(
         for layer, attentions in enumerate(reference.attentions):
             torch.testing.assert_close(cache["pattern", layer], attentions)
 
-        def zero_pattern(pattern: torch.Tensor, hook: HookPoint) -> None:
-            pattern[:, 1] = 0.0
-
-        def zero_z(z: torch.Tensor, hook: HookPoint) -> None:
-            z[:, :, 1] = 0.0
-
         by_pattern = bridge.run_with_hooks(
-            ids, fwd_hooks=[("blocks.0.attn.hook_pattern", zero_pattern)]
+            ids, fwd_hooks=[("blocks.0.attn.hook_pattern", _zero_pattern_head_1)]
         )
-        by_z = bridge.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_z", zero_z)])
+        by_z = bridge.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_z", _zero_z_head_1)])
         torch.testing.assert_close(by_pattern, by_z)  # the edit computed beside the kernel
         assert not torch.allclose(by_pattern, logits)
 
