@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from bridge_core.errors import BridgeError, HookReturnError, InputError
-from bridge_core.module_state import init_module
+from bridge_core.module_state import init_lazy_module, lazy_containers, materialize
 from bridge_core.torch_hooks import (
     forward_hook,
     forward_pre_hook,
@@ -277,6 +277,8 @@ class _HasHooks:
         return f"<has_hooks of {self.point.name!r}: {bool(self.point._fwd or self.point._bwd)}>"
 
 
+# nn.Module's 15 containers and the point's own on first use: a wrap makes hundreds of points
+@lazy_containers(ctx=dict, _fwd=list, _bwd=list)
 class HookPoint(nn.Module):
     """A named activation that hooks can read, replace, or take the gradient of.
 
@@ -285,10 +287,10 @@ class HookPoint(nn.Module):
     """
 
     def __init__(self) -> None:
-        # A wrap makes hundreds of hook points: nn.Module's state comes from a template
-        # (`init_module`), and the plain state is declared here and set in one update of
+        # A wrap makes hundreds of hook points: nn.Module's containers come on first use
+        # (`lazy_containers`), and the plain state is declared here and set in one update of
         # __dict__, as __setattr__ would for _PLAIN_STATE.
-        init_module(self)
+        init_lazy_module(self)
         self.name: str
         self.ctx: dict[Any, Any]
         self._fwd: list[Hook]
@@ -313,9 +315,6 @@ class HookPoint(nn.Module):
         self._lock: threading.Lock  # attaching and detaching the tap is check-then-act
         self.__dict__.update(
             name="",
-            ctx={},
-            _fwd=[],
-            _bwd=[],
             _tap=None,
             _attached=None,
             calls=1,
@@ -333,7 +332,18 @@ class HookPoint(nn.Module):
         if name in _PLAIN_STATE:
             self.__dict__[name] = value
         else:
+            materialize(self)  # nn.Module.__setattr__ looks for its containers in __dict__
             super().__setattr__(name, value)
+
+    def register_buffer(
+        self, name: str, tensor: torch.Tensor | None, persistent: bool = True
+    ) -> None:
+        materialize(self)  # nn.Module checks __dict__ for its containers here
+        super().register_buffer(name, tensor, persistent)
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        materialize(self)
+        super().register_parameter(name, param)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -448,7 +458,9 @@ class HookPoint(nn.Module):
 
     def clear_context(self) -> None:
         """Forget what hooks stored in `hook.ctx`."""
-        self.ctx.clear()
+        ctx = self.__dict__.get("ctx")  # not made for a point whose hooks never used it
+        if ctx:
+            ctx.clear()
 
     @property
     def has_hooks(self) -> _HasHooks:

@@ -26,14 +26,31 @@ def test_init_module_gives_the_state_of_nn_module_init() -> None:
         assert type(vars(made)[name]) is type(value) and vars(made)[name] == value, name
 
 
-def test_hook_points_share_no_containers() -> None:
+def test_hook_points_get_the_containers_of_nn_module_on_first_read() -> None:
     a, b = HookPoint(), HookPoint()
-    assert _module_state(a) == _module_state(nn.Module())
-    for name, value in vars(a).items():
-        if isinstance(value, dict | set | list):
-            assert value is not vars(b)[name], name
-    a.register_forward_hook(lambda *args: None)
-    assert len(a._forward_hooks) == 1 and not b._forward_hooks
+    plain = _module_state(nn.Module())
+    containers = {k for k, v in plain.items() if isinstance(v, dict | set | list)}
+    assert containers and not containers & set(vars(a))  # none made yet
+    assert {k: getattr(a, k) for k in plain} == plain  # each read gives nn.Module's value
+    for name in containers:
+        assert type(vars(a)[name]) is type(plain[name])
+        assert getattr(a, name) is vars(a)[name]  # made once, then kept
+        assert getattr(b, name) is not getattr(a, name), name
+    b.register_forward_hook(lambda *args: None)
+    assert len(b._forward_hooks) == 1 and not a._forward_hooks and not HookPoint()._forward_hooks
+
+
+def test_a_hook_point_takes_parameters_buffers_and_children() -> None:
+    """nn.Module's __setattr__ and register_* look for the containers in __dict__."""
+    point = HookPoint()
+    point.weight = nn.Parameter(torch.ones(2))
+    point.register_buffer("scale", torch.zeros(2))
+    HookPoint().register_parameter("bias", None)
+    point.extra = nn.Linear(2, 2)
+    assert [n for n, _ in point.named_parameters()] == ["weight", "extra.weight", "extra.bias"]
+    assert list(point.state_dict()) == ["weight", "scale", "extra.weight", "extra.bias"]
+    assert dict(point.named_children()) == {"extra": point.extra}
+    assert point(torch.ones(2)).tolist() == [1.0, 1.0]  # a module call reads its hook tables
 
 
 def test_component_hook_points_are_registered_children() -> None:
