@@ -325,14 +325,6 @@ def _step(component: GeneralizedComponent, model: nn.Module, step: ViewSpec, whe
     raise ValueError(f"{where}: an empty view step")  # excluded by ViewSpec's validation
 
 
-def walk(components: dict[str, Built]) -> Iterator[GeneralizedComponent]:
-    """Every component, parents before their children, in spec order."""
-    for entry in components.values():
-        for component in entry if isinstance(entry, nn.ModuleList) else [entry]:
-            if isinstance(component, GeneralizedComponent):
-                yield from _walk_one(component)
-
-
 def _walk_one(component: GeneralizedComponent) -> Iterator[GeneralizedComponent]:
     yield component
     for child in component.components():
@@ -342,11 +334,12 @@ def _walk_one(component: GeneralizedComponent) -> Iterator[GeneralizedComponent]
 def collect_names(components: dict[str, Built], spec: AdapterSpec) -> HookNames:
     """Name every bound hook point (in forward order) and register the aliases."""
     names = HookNames()
+    order: list[GeneralizedComponent] = []  # every component, parents before children
     for entry in components.values():
         for component in entry if isinstance(entry, nn.ModuleList) else [entry]:
             if isinstance(component, GeneralizedComponent):
-                _name_points(component, names)
-    for component in walk(components):
+                _name_points(component, names, order)
+    for component in order:
         for alias, target in component.hook_aliases.items():
             if alias in component.removed_aliases:
                 continue
@@ -359,13 +352,17 @@ def collect_names(components: dict[str, Built], spec: AdapterSpec) -> HookNames:
     return names
 
 
-def _name_points(component: GeneralizedComponent, names: HookNames) -> None:
-    """hook_in, the internal and spec-declared hook points, the children's, then hook_out."""
+def _name_points(
+    component: GeneralizedComponent, names: HookNames, order: list[GeneralizedComponent]
+) -> None:
+    """hook_in, the internal and spec-declared hook points, the children's, then hook_out;
+    `order` gets the components, parents before their children."""
+    order.append(component)
     own = component.own_hook_points()
     for attr, point in own[:-1] if own and own[-1][0] == "hook_out" else own:
         _add_point(names, component, attr, point)
     for child in component.components():
-        _name_points(child, names)
+        _name_points(child, names, order)
     if own and own[-1][0] == "hook_out":
         _add_point(names, component, *own[-1])
 
@@ -373,8 +370,8 @@ def _name_points(component: GeneralizedComponent, names: HookNames) -> None:
 def _add_point(
     names: HookNames, component: GeneralizedComponent, attr: str, point: HookPoint
 ) -> None:
-    point.name = f"{component.name}.{attr}"
-    names.points[point.name] = point
+    name = point.__dict__["name"] = f"{component.name}.{attr}"  # plain state, set directly
+    names.points[name] = point
 
 
 def _add_spec_aliases(names: HookNames, spec: AdapterSpec) -> None:

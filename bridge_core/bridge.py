@@ -76,7 +76,7 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         self._owner = Owner()  # what the points belong to: silent in other bridges' forwards
         self._names: HookNames = collect_names(built, self.adapter)
         for point in self._names.points.values():
-            point.owner = self._owner
+            point.__dict__["owner"] = self._owner  # plain state (HookPoint.__setattr__)
         for name, component in built.items():
             self.add_module(name, component)
 

@@ -358,7 +358,7 @@ class HookPoint(nn.Module):
         """Connect this hook point to the forward pass through `tap`."""
         if self._attached is not None:
             raise RuntimeError(f"hook point {self.name!r} is bound while it has hooks")
-        self._tap = tap
+        self.__dict__["_tap"] = tap  # plain state (see __setattr__), set ~300 times a wrap
 
     def add_hook(
         self,

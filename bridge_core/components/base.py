@@ -143,7 +143,7 @@ class GeneralizedComponent(nn.Module):
         for attr, shape in self.hook_shapes.items():
             point = self._point(attr)
             if point is not None:
-                point.shape = shape
+                point.__dict__["shape"] = shape  # plain state (HookPoint.__setattr__)
 
     def bind(self, module: nn.Module) -> None:
         """Bind the internal hook points of this kind of component to `module`'s parts."""
