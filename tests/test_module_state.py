@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import copy
 import pickle
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from bridge_core import GeneralizedComponent, HookPoint
+from bridge_core import GeneralizedComponent, HookPoint, TransformerBridge
 from bridge_core.module_state import add_child, init_module, submodule
 
 
@@ -104,3 +105,22 @@ def test_submodule_finds_what_get_submodule_finds() -> None:
         with pytest.raises(AttributeError) as got:
             submodule(model, path)
         assert str(got.value) == str(expected.value), path
+
+
+def test_hooking_a_bridge_makes_no_module_containers_for_its_points(
+    text_models: dict[str, tuple[Any, Any]],
+) -> None:
+    """A wrap, a cached run and a hooked run leave the points' nn.Module state unmade (what
+    keeps a wrap cheap); modules() and a move to a device still see every point."""
+    model, tokenizer = text_models["gpt2"]
+    bridge = TransformerBridge.wrap(model, tokenizer=tokenizer)
+    containers = {k for k, v in vars(nn.Module()).items() if isinstance(v, dict | set | list)}
+    ids = torch.tensor([[1, 2, 3]])
+    bridge.run_with_cache(ids)
+    bridge.run_with_hooks(ids, fwd_hooks=[(lambda name: True, lambda t, hook: None)])
+    points = list(bridge.hook_dict.values())
+    assert len(points) > 50
+    assert not any(containers & set(vars(p)) for p in points)
+    assert all(any(p is m for m in bridge.modules()) for p in points[:5])
+    bridge.to("cpu")  # reads each module's parameters and buffers: now made, and empty
+    assert all(not p._parameters and not p._buffers for p in points)
