@@ -278,7 +278,7 @@ class _HasHooks:
 
 
 # nn.Module's 15 containers and the point's own on first use: a wrap makes hundreds of points
-@lazy_containers(ctx=dict, _fwd=list, _bwd=list)
+@lazy_containers(ctx=dict, _fwd=list, _bwd=list, _lock=threading.Lock)
 class HookPoint(nn.Module):
     """A named activation that hooks can read, replace, or take the gradient of.
 
@@ -286,45 +286,34 @@ class HookPoint(nn.Module):
     a returned tensor replaces the activation and must have its shape and dtype.
     """
 
+    # The plain state's defaults are the class's (immutable values): a point made by a wrap
+    # (hundreds per wrap) holds only what is set on it.
+    name: str = ""
+    ctx: dict[Any, Any]  # made on first read (`lazy_containers`), as _fwd, _bwd and _lock
+    _fwd: list[Hook]
+    _bwd: list[Hook]
+    _lock: threading.Lock  # attaching and detaching the tap is check-then-act
+    _tap: Tap | None = None
+    _attached: Handle | None = None
+    calls: int | str = 1
+    """How often this point fires per forward (`verify` checks it): a number, "any",
+    or an expression over counts the bridge's components report (``"n_images"``)."""
+    collect: Collect = "list"
+    """How a cache keeps the calls of a point that fires more than once."""
+    shape: tuple[int | str, ...] | None = None
+    """The documented shape, in symbols (``("batch", "pos", "d_model")``), for `verify`."""
+    enabled: bool = True
+    """False for an opt-in point (``attn.hook_result``) until it is switched on."""
+    copy_on_cache: bool | None = None
+    """Whether the model changes this tensor in place after the point fires, so a cache
+    must copy it (None: not known yet; the first cache of the point copies and finds out)."""
+    owner: Owner | None = None
+    """The `Owner` of the bridge this point belongs to (its hooks are silent in other
+    bridges' forwards)."""
+
     def __init__(self) -> None:
-        # A wrap makes hundreds of hook points: nn.Module's containers come on first use
-        # (`lazy_containers`), and the plain state is declared here and set in one update of
-        # __dict__, as __setattr__ would for _PLAIN_STATE.
+        # nn.Module's containers, like the point's own, come on first use (`lazy_containers`)
         init_lazy_module(self)
-        self.name: str
-        self.ctx: dict[Any, Any]
-        self._fwd: list[Hook]
-        self._bwd: list[Hook]
-        self._tap: Tap | None
-        self._attached: Handle | None
-        self.calls: int | str
-        """How often this point fires per forward (`verify` checks it): a number, "any",
-        or an expression over counts the bridge's components report (``"n_images"``)."""
-        self.collect: Collect
-        """How a cache keeps the calls of a point that fires more than once."""
-        self.shape: tuple[int | str, ...] | None
-        """The documented shape, in symbols (``("batch", "pos", "d_model")``), for `verify`."""
-        self.enabled: bool
-        """False for an opt-in point (``attn.hook_result``) until it is switched on."""
-        self.copy_on_cache: bool | None
-        """Whether the model changes this tensor in place after the point fires, so a cache
-        must copy it (None: not known yet; the first cache of the point copies and finds out)."""
-        self.owner: Owner | None
-        """The `Owner` of the bridge this point belongs to (its hooks are silent in other
-        bridges' forwards)."""
-        self._lock: threading.Lock  # attaching and detaching the tap is check-then-act
-        self.__dict__.update(
-            name="",
-            _tap=None,
-            _attached=None,
-            calls=1,
-            collect="list",
-            shape=None,
-            enabled=True,
-            copy_on_cache=None,
-            owner=None,
-            _lock=threading.Lock(),
-        )
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Plain state (never a Module, Parameter or Tensor) skips nn.Module.__setattr__'s
@@ -347,12 +336,11 @@ class HookPoint(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        del state["_lock"]  # a lock does not pickle; a fresh one is made on unpickling
+        state.pop("_lock", None)  # a lock does not pickle; a fresh one is made on first use
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.__dict__["_lock"] = threading.Lock()
+        self.__dict__.update(state)  # a fresh lock comes on first use
 
     def bind(self, tap: Tap) -> None:
         """Connect this hook point to the forward pass through `tap`."""

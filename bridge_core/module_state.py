@@ -66,25 +66,25 @@ class _Lazy:
     """A container of nn.Module's state, made on an instance's first read of it and kept in
     the instance's ``__dict__`` (a non-data descriptor: from then on it is never called)."""
 
-    def __init__(self, name: str, make: type[Any]) -> None:
+    def __init__(self, name: str, make: Callable[[], Any]) -> None:
         self.name = name
         self.make = make
 
     def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any:
         if instance is None:
             return self
-        value = instance.__dict__[self.name] = self.make()
-        return value
+        # setdefault: two threads reading it first get the same container (or lock)
+        return instance.__dict__.setdefault(self.name, self.make())
 
 
-def lazy_containers(**extra: type[Any]) -> Callable[[_M], _M]:
+def lazy_containers(**extra: Callable[[], Any]) -> Callable[[_M], _M]:
     """Class decorator: instances made with `init_lazy_module` get nn.Module's containers,
-    and the class's own `extra` ones (attribute name -> container type), on first read.
+    and the class's own `extra` ones (attribute name -> what makes one), on first read.
     Without the template (an nn.Module this module does not know), only the `extra` ones."""
 
     def decorate(cls: _M) -> _M:
-        containers = dict(_TEMPLATE[1]) if _TEMPLATE is not None else {}
-        for name, make in {**containers, **extra}.items():
+        made: dict[str, Callable[[], Any]] = dict(_TEMPLATE[1]) if _TEMPLATE else {}
+        for name, make in {**made, **extra}.items():
             setattr(cls, name, _Lazy(name, make))
         return cls
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
 from typing import Any
 
 import pytest
@@ -12,7 +13,13 @@ import torch
 from torch import nn
 
 from bridge_core import GeneralizedComponent, HookPoint, TransformerBridge
-from bridge_core.module_state import add_child, init_module, submodule
+from bridge_core.module_state import (
+    add_child,
+    init_lazy_module,
+    init_module,
+    lazy_containers,
+    submodule,
+)
 
 
 def _module_state(module: nn.Module) -> dict[str, object]:
@@ -124,3 +131,26 @@ def test_hooking_a_bridge_makes_no_module_containers_for_its_points(
     assert all(any(p is m for m in bridge.modules()) for p in points[:5])
     bridge.to("cpu")  # reads each module's parameters and buffers: now made, and empty
     assert all(not p._parameters and not p._buffers for p in points)
+
+
+def test_a_container_made_by_two_threads_at_once_is_the_first_one_made() -> None:
+    """Another thread can make a point's hook list or lock between this thread's read and its
+    store (simulated by a maker that lets it): both must then use the one stored first,
+    or two threads would attach one tap twice under two different locks."""
+    other: dict[str, Any] = {}
+
+    def make() -> list[str]:
+        point = other.get("point")
+        if point is not None and "_fwd" not in vars(point):
+            vars(point)["_fwd"] = other["made"] = ["the other thread's"]
+        return []
+
+    @lazy_containers(_fwd=make)
+    class Point(nn.Module):
+        def __init__(self) -> None:
+            init_lazy_module(self)
+
+    point = Point()
+    other["point"] = point
+    assert point._fwd is other["made"] and vars(point)["_fwd"] is other["made"]
+    assert isinstance(HookPoint()._lock, type(threading.Lock()))
