@@ -97,12 +97,13 @@ class GeneralizedComponent(nn.Module):
         plain(self, "original_component", None)
         plain(self, "removed_aliases", set())
         plain(self, "extra_hooks", [])
-        add_child(self, "hook_in", HookPoint())
-        add_child(self, "hook_out", HookPoint())
-        for hook_name in self.internal_hooks:
+        for hook_name in ("hook_in", "hook_out", *self.internal_hooks):
             add_child(self, hook_name, HookPoint())
         for key, child in (submodules or {}).items():
-            self.add_module(key, child)
+            if _free(key, self) and isinstance(child, nn.Module):
+                add_child(self, key, child)  # what add_module checks holds: skip its ~2 µs
+            else:
+                self.add_module(key, child)  # its own errors for names it refuses
 
     def __getattr__(self, name: str) -> Any:
         """Children and hook points (nn.Module's lookup), then this kind's hook aliases:
@@ -288,6 +289,29 @@ class GeneralizedComponent(nn.Module):
     def extra_repr(self) -> str:
         original = type(self.original_component).__name__ if self.original_component else None
         return f"name={self.name!r}, original={original}"
+
+
+def _free(name: object, component: GeneralizedComponent) -> bool:
+    """Whether ``add_module`` takes child `name` on `component` (being built) without a
+    question: a non-empty name without a dot that is no attribute of its kind, no hook alias
+    and nothing the component holds yet (``add_module`` asks ``hasattr``, which says no by
+    raising an AttributeError: that costs more than the registration itself)."""
+    cls = type(component)
+    taken = _TAKEN.get(cls)
+    if taken is None:
+        taken = _TAKEN[cls] = cls.reserved_names() | frozenset(cls.hook_aliases)
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and "." not in name
+        and name not in taken
+        and name not in component._modules
+        and name not in component.__dict__
+    )
+
+
+_TAKEN: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+"""What `_free` finds taken on each kind: its reserved names and hook aliases."""
 
 
 def input_checks(modules: Iterable[nn.Module]) -> list[Callable[[Mapping[str, Any]], None]]:
