@@ -4,8 +4,13 @@
 "which part of it": the same model's forward with no hooks, with one, with a no-op hook on
 every point, attaching and removing those hooks without a forward, caching everything, and
 ``run_with_hooks`` with only one kind of point hooked (``hook_scale``, ``hook_pattern`` ...),
-which shows what each kind of tap costs. Everything is timed interleaved
-(`benchmarks.timing`), one torch thread, the CPU clock, under ``torch.no_grad()``.
+which shows what each kind of tap costs. Two rows measure the HF model without the bridge:
+with ``--attn eager``, the forward that returns hidden states and attentions (the baseline of
+caching everything in `python -m benchmarks`); and the forward with the PyTorch hooks that
+the taps of every point register, each doing nothing, registered and removed per call as the
+taps do. That is the floor of any hook point that observes an unchanged HF module: what
+caching everything costs before a tap computes, runs or keeps anything. Everything is timed
+interleaved (`benchmarks.timing`), one torch thread, the CPU clock, under ``torch.no_grad()``.
 ``--attn eager`` loads the saved model with eager attention, whose kernel computes the
 patterns that the hooks then see (with sdpa, the bridge computes them beside the kernel).
 """
@@ -20,13 +25,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from benchmarks import models, timing
 from bridge_core import HookPoint, TransformerBridge
+from bridge_core.torch_hooks import TorchHook, forward_hook, forward_pre_hook
+
+HOOKS_ALONE = "HF forward + the taps' PyTorch hooks, no-op"
+HF_OUTPUTS = "HF forward, hidden states and attentions"
 
 
 def noop(tensor: torch.Tensor, hook: HookPoint) -> None:
     """A hook that only reads."""
+
+
+def _nothing(*args: Any) -> None:
+    """A PyTorch module hook (pre or post) that does nothing."""
 
 
 def variants(bridge: TransformerBridge, case: models.Case) -> dict[str, timing.Variant]:
@@ -52,7 +66,48 @@ def variants(bridge: TransformerBridge, case: models.Case) -> dict[str, timing.V
     }
     for kind in sorted(_kinds(bridge)):
         runs[f"run_with_hooks, every {kind}"] = _hooked(bridge, inputs, kind)
+    runs[HOOKS_ALONE] = _hooks_alone(model, tapped(bridge), inputs)
+    if model.config._attn_implementation == "eager":
+        runs[HF_OUTPUTS] = lambda: model(
+            **inputs, output_hidden_states=True, output_attentions=True
+        )
     return runs
+
+
+def tapped(bridge: TransformerBridge) -> list[tuple[nn.Module, int, int]]:
+    """Each HF module that the taps hook while every point is hooked, with the number of
+    forward pre-hooks and forward hooks they register on it."""
+    modules = list(bridge.original_model.modules())
+    before = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in modules]
+    with bridge.hooks([(lambda name: True, noop)]):
+        after = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in modules]
+    return [
+        (module, pre - pre_before, post - post_before)
+        for module, (pre, post), (pre_before, post_before) in zip(
+            modules, after, before, strict=True
+        )
+        if (pre, post) != (pre_before, post_before)
+    ]
+
+
+def _hooks_alone(
+    model: nn.Module, hooked: list[tuple[nn.Module, int, int]], inputs: dict[str, Any]
+) -> timing.Variant:
+    """The HF forward with `hooked`'s PyTorch hooks, each doing nothing, registered and
+    removed per call the way the taps do it (`bridge_core.torch_hooks`)."""
+
+    def run() -> None:
+        handles: list[TorchHook] = []
+        try:
+            for module, pre, post in hooked:
+                handles += [forward_pre_hook(module, _nothing) for _ in range(pre)]
+                handles += [forward_hook(module, _nothing) for _ in range(post)]
+            model(**inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    return run
 
 
 def _hooked(bridge: TransformerBridge, inputs: dict[str, Any], kind: str) -> timing.Variant:
@@ -71,16 +126,22 @@ def table(bridge: TransformerBridge, stats: dict[str, timing.Stats]) -> str:
 
     Attaching and removing runs no forward: its cost is its time. The per-point cost of one
     kind of point is over ``run_with_hooks`` of one point, so that the call's own cost is not
-    spread over the kind's points.
+    spread over the kind's points. The row of the taps' PyTorch hooks alone counts PyTorch
+    hooks, not points, and is over the HF forward. Below the table, the ratios of `python -m
+    benchmarks`: caching everything, and that floor, over HF's forward with hidden states and
+    attentions (with ``--attn eager``; else over the HF forward).
     """
     kinds = _kinds(bridge)
     every = sum(kinds.values())
+    torch_hooks = sum(pre + post for _, pre, post in tapped(bridge))
     points = {name: kinds[name.removeprefix("run_with_hooks, every ")] for name in stats}
     points.update({"run_with_cache, one point": 1, "run_with_hooks, one point": 1})
     for name in ("run_with_cache, every point", "run_with_hooks, every point"):
         points[name] = every
     points["attach + remove every point"] = every
+    points[HOOKS_ALONE] = torch_hooks
     base, one = stats["bridge forward"].median, stats["run_with_hooks, one point"].median
+    hf = stats["HF forward"].median
     lines = [
         "| variant | points | median | min | over the bridge forward | per point |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -90,6 +151,8 @@ def table(bridge: TransformerBridge, stats: dict[str, timing.Stats]) -> str:
         over = stat.median - base
         if name == "attach + remove every point":
             over = stat.median  # no forward: its cost is its time
+        if name == HOOKS_ALONE:  # no bridge: over the HF forward, per PyTorch hook
+            over = stat.median - hf
         per_point = over / count if count else 0.0
         if name.startswith("run_with_hooks, every hook_"):  # less one point's call and hook
             per_point = (stat.median - one) / max(count - 1, 1)
@@ -97,6 +160,12 @@ def table(bridge: TransformerBridge, stats: dict[str, timing.Stats]) -> str:
         cells.append(f"{over * 1e3:+.3f} ms" if count else "")
         cells.append(f"{per_point * 1e6:.1f} us" if count else "")
         lines.append("| " + " | ".join(cells) + " |")
+    baseline = stats[HF_OUTPUTS] if HF_OUTPUTS in stats else stats["HF forward"]
+    label = HF_OUTPUTS if HF_OUTPUTS in stats else "HF forward"
+    lines.append("")
+    for name in ("run_with_cache, every point", HOOKS_ALONE):
+        ratio = stats[name].median / baseline.median
+        lines.append(f"{name}, over the {label}: {ratio:.3f}x (medians)")
     return "\n".join(lines)
 
 

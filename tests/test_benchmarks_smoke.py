@@ -46,5 +46,7 @@ def test_phases_script_runs_and_reports_every_kind_of_point(
     for row in (
         "| attach + remove every point | 274 |",
         "| run_with_hooks, every hook_scale | 25 |",
+        "| HF forward + the taps' PyTorch hooks, no-op | 224 |",
+        "run_with_cache, every point, over the HF forward: ",
     ):
         assert row in table, table
