@@ -516,13 +516,15 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         """Run with recording hooks: (output, one tensor per key, repeated calls)."""
         recorder = Recorder(device, remove_batch_dim)
         points = [self._names.points[n] for n in selected]
-        fwd = [(p, recorder.saver(n, p)) for n, p in zip(selected, points, strict=True)]
+        save = recorder.saver(points)
+        fwd = [(p, save) for p in points]
         if not incl_bwd:
             with self._attached(fwd, clear_contexts=clear_contexts):
                 output = self._eager_call(*args, **kwargs)
             store, calls = recorder.finish()  # in `selected` order: the savers' order
             return output, store, calls
-        bwd = [(p, recorder.saver(f"{n}_grad", p)) for n, p in zip(selected, points, strict=True)]
+        save_grad = recorder.saver(points, grad=True)
+        bwd = [(p, save_grad) for p in points]
         with torch.enable_grad(), self._attached(fwd, bwd, clear_contexts=clear_contexts):
             output = self._eager_call(*args, **kwargs)  # gradients also under no_grad()
             run_backward(output, metric)

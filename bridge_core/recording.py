@@ -1,7 +1,7 @@
 """Recording activations for a cache: every call kept, and nothing changed after it is kept.
 
-A `Recorder` hands out one saving hook per hook point. A saved tensor is the live activation
-(detached), not a copy, unless the model is known to change that tensor in place later in
+A `Recorder` hands out the saving hook of a call's hook points. A saved tensor is the live
+activation (detached), not a copy, unless the model is known to change that tensor in place later in
 the forward (HF adds to residuals in place in some models: Falcon's ``mlp_output +=
 attention_output``), in which case it is copied when saved. What is known comes from the
 tensors' version counters: the first time a point is cached, its tensor is copied and the
@@ -12,7 +12,7 @@ A point found changed although it was thought safe is an error, never a silently
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,23 +40,33 @@ class Recorder:
     _saved: dict[str, list[_Saved]] = field(default_factory=dict)
     _points: dict[str, HookPoint] = field(default_factory=dict)
 
-    def saver(self, key: str, point: HookPoint) -> HookFn:
-        """A hook that saves what `point` sees under `key` (``name`` or ``name_grad``)."""
-        self._points[key] = point
-        calls = self._saved.setdefault(key, [])
+    def saver(self, points: Sequence[HookPoint], grad: bool = False) -> HookFn:
+        """The hook that saves what each of `points` sees (with `grad`, its gradient), kept
+        under the point's name (``name`` or ``name_grad``), in the order of `points`.
+
+        One function for all of them: a hook is called with its point, whose name finds
+        the point's calls.
+        """
+        suffix = "_grad" if grad else ""
+        by_point: dict[str, list[_Saved]] = {}
+        for point in points:
+            key = point.name + suffix
+            self._points[key] = point
+            by_point[point.name] = self._saved.setdefault(key, [])
         if self.device is not None or self.remove_batch_dim:
 
             def save(tensor: torch.Tensor, hook: HookPoint) -> None:
-                calls.append(self._save(tensor, point))
+                by_point[hook.name].append(self._save(tensor, hook))
 
             return save
 
         def save_here(tensor: torch.Tensor, hook: HookPoint) -> None:
             value = tensor.detach() if tensor.requires_grad else tensor
-            if point.copy_on_cache is False and not value.is_inference():
-                calls.append((value, value, value._version, False))  # the common case
+            if hook.copy_on_cache is False and not value.is_inference():
+                saved: _Saved = (value, value, value._version, False)  # the common case
             else:
-                calls.append(_kept(value, point))
+                saved = _kept(value, hook)
+            by_point[hook.name].append(saved)
 
         return save_here
 
@@ -88,10 +98,16 @@ class Recorder:
             if not saved:
                 continue
             point = self._points[key]
-            self._learn(key, point, saved)
             if len(saved) == 1:
-                tensors[key] = saved[0][0]
+                value, original, version, _ = saved[0]
+                # nothing to learn of a live tensor known to stay as it is, and left so
+                if not (point.copy_on_cache is False and original is not None) or (
+                    original._version != version
+                ):
+                    self._learn(key, point, saved)
+                tensors[key] = value
                 continue
+            self._learn(key, point, saved)
             values = calls[key] = [s[0] for s in saved]
             combined = _combine(values, point.collect)
             if combined is not None:
