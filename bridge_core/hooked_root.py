@@ -19,7 +19,7 @@ from torch import nn
 
 from bridge_core import slices
 from bridge_core.errors import BridgeError, HookNameError, InputError, did_you_mean
-from bridge_core.hooks import Hook, HookFn, HookHandle, HookPoint
+from bridge_core.hooks import Hook, HookFn, HookHandle, HookPoint, discard_all, insert_all
 from bridge_core.hooks import scope as hook_scope
 from bridge_core.naming import HookNames, NamesFilter
 
@@ -205,16 +205,12 @@ class HookedRoot(nn.Module):
                 directions: tuple[tuple[OneWay, Sequence[tuple[HookPoint, HookFn]]], ...]
                 directions = (("fwd", fwd), ("bwd", bwd))
                 for direction, pairs in directions:
-                    for point, fn in pairs:
-                        hook = Hook(fn, False, scope, level)
-                        point.insert(hook, direction)
-                        added.append((point, hook, direction))
+                    insert_all(_hooks(pairs, direction, scope, level), added)
                 yield
             finally:
                 state["context_level"] = self.context_level - 1
                 if reset_hooks_end:
-                    for point, hook, direction in reversed(added):
-                        point.discard(hook, direction)
+                    discard_all(added)
                 if clear_contexts:
                     self.clear_contexts()
 
@@ -419,6 +415,19 @@ class HookedRoot(nn.Module):
             )
         state: dict[str, Any] = dict(self.__dict__)
         return state
+
+
+def _hooks(
+    pairs: Sequence[tuple[HookPoint, HookFn]], direction: OneWay, scope: object, level: int
+) -> Iterator[tuple[HookPoint, Hook, OneWay]]:
+    """(point, its `Hook`, direction) for each pair; consecutive pairs with one function
+    (a cache's saver, a filter's hook) share one Hook."""
+    fn: HookFn | None = None
+    hook: Hook | None = None
+    for point, function in pairs:
+        if function is not fn or hook is None:
+            fn, hook = function, Hook(function, False, scope, level)
+        yield point, hook, direction
 
 
 def _slice_positions(value: torch.Tensor, name: str, pos_slice: slices.SliceInput) -> torch.Tensor:

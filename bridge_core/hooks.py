@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -30,6 +30,7 @@ from torch import nn
 from bridge_core.errors import BridgeError, HookReturnError, InputError
 from bridge_core.module_state import init_lazy_module, lazy_containers, materialize
 from bridge_core.torch_hooks import (
+    TorchHook,
     forward_hook,
     forward_pre_hook,
     is_tap,
@@ -45,8 +46,11 @@ Direction = Literal["fwd", "bwd"]
 Collect = Literal["list", "stack", "cat"]
 
 _LAYER = re.compile(r"\.(\d+)\.")
-_SCOPES: ContextVar[tuple[object, ...]] = ContextVar("transformer_bridge_scopes", default=())
-_RUNNING: ContextVar[Owner | None] = ContextVar("transformer_bridge_running", default=None)
+# the owner of the bridge whose forward runs here (`running`), and the open scopes (`scope`):
+# one variable, read once per hook point per forward
+_CONTEXT: ContextVar[tuple[Owner | None, tuple[object, ...]]] = ContextVar(
+    "transformer_bridge_context", default=(None, ())
+)
 
 
 def scope() -> AbstractContextManager[object]:
@@ -66,11 +70,12 @@ class _Scope:
 
     def __enter__(self) -> object:
         token = object()
-        self._reset = _SCOPES.set((*_SCOPES.get(), token))
+        owner, scopes = _CONTEXT.get()
+        self._reset = _CONTEXT.set((owner, (*scopes, token)))
         return token
 
     def __exit__(self, *exc: object) -> None:
-        _SCOPES.reset(self._reset)
+        _CONTEXT.reset(self._reset)
 
 
 class _Running:
@@ -80,22 +85,48 @@ class _Running:
         self._owner = owner
 
     def __enter__(self) -> None:
-        self._reset = _RUNNING.set(self._owner)
+        self._reset = _CONTEXT.set((self._owner, _CONTEXT.get()[1]))
 
     def __exit__(self, *exc: object) -> None:
-        _RUNNING.reset(self._reset)
+        _CONTEXT.reset(self._reset)
+
+
+_ATTACHING = threading.RLock()
+"""Held while a hook point's hook lists change and its tap is attached or detached (each is
+check-then-act, and any thread may add hooks). One lock for every point: `insert_all` and
+`discard_all` take it once for the hundreds of points of one call."""
+
+
+def insert_all(
+    entries: Iterable[tuple[HookPoint, Hook, Direction]],
+    added: list[tuple[HookPoint, Hook, Direction]],
+) -> None:
+    """Insert each (point, hook, direction) of `entries` in order (`HookPoint.insert`),
+    appending it to `added` once inserted, so that after an error the caller can discard
+    exactly those (`discard_all`)."""
+    with _ATTACHING:
+        for entry in entries:
+            entry[0]._insert(entry[1], entry[2])
+            added.append(entry)
+
+
+def discard_all(added: list[tuple[HookPoint, Hook, Direction]]) -> None:
+    """Discard each (point, hook, direction) of `added`, last first (`HookPoint.discard`)."""
+    with _ATTACHING:
+        for point, hook, direction in reversed(added):
+            point._discard(hook, direction)
 
 
 _PLAIN_STATE = frozenset(
     {
         "owner",
-        "_lock",
         "name",
         "ctx",
         "_fwd",
         "_bwd",
         "_tap",
         "_attached",
+        "_spare",
         "calls",
         "collect",
         "shape",
@@ -278,7 +309,7 @@ class _HasHooks:
 
 
 # nn.Module's 15 containers and the point's own on first use: a wrap makes hundreds of points
-@lazy_containers(ctx=dict, _fwd=list, _bwd=list, _lock=threading.Lock)
+@lazy_containers(ctx=dict, _fwd=list, _bwd=list)
 class HookPoint(nn.Module):
     """A named activation that hooks can read, replace, or take the gradient of.
 
@@ -289,12 +320,12 @@ class HookPoint(nn.Module):
     # The plain state's defaults are the class's (immutable values): a point made by a wrap
     # (hundreds per wrap) holds only what is set on it.
     name: str = ""
-    ctx: dict[Any, Any]  # made on first read (`lazy_containers`), as _fwd, _bwd and _lock
+    ctx: dict[Any, Any]  # made on first read (`lazy_containers`), as _fwd and _bwd
     _fwd: list[Hook]
     _bwd: list[Hook]
-    _lock: threading.Lock  # attaching and detaching the tap is check-then-act
     _tap: Tap | None = None
     _attached: Handle | None = None
+    _spare: TorchHook | None = None  # the tap's PyTorch hook, removed: `_insert` restores it
     calls: int | str = 1
     """How often this point fires per forward (`verify` checks it): a number, "any",
     or an expression over counts the bridge's components report (``"n_images"``)."""
@@ -336,17 +367,19 @@ class HookPoint(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("_lock", None)  # a lock does not pickle; a fresh one is made on first use
+        state.pop("_spare", None)  # a hook table of the module this point observes now
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)  # a fresh lock comes on first use
+        self.__dict__.update(state)  # nn.Module's would make the containers `__dict__` lacks
 
     def bind(self, tap: Tap) -> None:
         """Connect this hook point to the forward pass through `tap`."""
         if self._attached is not None:
             raise RuntimeError(f"hook point {self.name!r} is bound while it has hooks")
         self.__dict__["_tap"] = tap  # plain state (see __setattr__), set ~300 times a wrap
+        if "_spare" in self.__dict__:  # the old tap's
+            del self.__dict__["_spare"]
 
     def add_hook(
         self,
@@ -382,12 +415,17 @@ class HookPoint(nn.Module):
         return HookHandle(self, hook, dir)
 
     def insert(self, hook: Hook, direction: Direction, prepend: bool = False) -> None:
-        """Add a hook whose function and direction are checked (`add_hook`, and `hooks()`
-        for its many points at once); `discard` takes it away again.
+        """Add a hook whose function and direction are checked (`add_hook`; `insert_all`
+        adds many at once); `discard` takes it away again.
 
         Raises:
             BridgeError: the point is not bound to a module, or is off.
         """
+        with _ATTACHING:
+            self._insert(hook, direction, prepend)
+
+    def _insert(self, hook: Hook, direction: Direction, prepend: bool = False) -> None:
+        """`insert`, with `_ATTACHING` held by the caller."""
         if self._tap is None:
             raise BridgeError(f"hook point {self.name!r} is not bound to a module")
         if not self.enabled:
@@ -396,12 +434,18 @@ class HookPoint(nn.Module):
                 "every forward it is used in); switch it on first, e.g. "
                 "bridge.set_use_attn_result(True) for attn.hook_result"
             )
-        with self._lock:
-            if self._attached is None:  # attach first: if the tap refuses, nothing is left
+        if self._attached is None:  # attach first: if the tap refuses, nothing is left
+            spare = self._spare
+            if spare is not None:  # what the tap registered last time, as it was
+                spare.restore()
+                self.__dict__["_attached"] = spare
+            else:
                 self.__dict__["_attached"] = self._tap.attach(self._run)
-                _count(self.owner, +1)
-            hooks = self._fwd if direction == "fwd" else self._bwd
-            hooks.insert(0, hook) if prepend else hooks.append(hook)
+            owner = self.owner
+            if owner is not None:  # the owner counts points with a tap attached
+                owner.attached_points += 1
+        hooks = self._fwd if direction == "fwd" else self._bwd
+        hooks.insert(0, hook) if prepend else hooks.append(hook)
 
     def add_perma_hook(self, fn: HookFn, dir: Direction = "fwd") -> HookHandle:
         """Add a hook that `remove_hooks()` keeps unless ``including_permanent=True``."""
@@ -469,21 +513,28 @@ class HookPoint(nn.Module):
 
     def discard(self, hook: Hook, direction: Direction) -> None:
         """Remove `hook` (if it is here); the last hook's removal detaches the tap."""
-        with self._lock:
-            hooks = self._fwd if direction == "fwd" else self._bwd
-            if hook in hooks:
-                hooks.remove(hook)
-            attached = self._attached
-            if attached is not None and not (self._fwd or self._bwd):
-                attached.remove()
-                self.__dict__["_attached"] = None
-                _count(self.owner, -1)
+        with _ATTACHING:
+            self._discard(hook, direction)
+
+    def _discard(self, hook: Hook, direction: Direction) -> None:
+        """`discard`, with `_ATTACHING` held by the caller."""
+        hooks = self._fwd if direction == "fwd" else self._bwd
+        if hook in hooks:
+            hooks.remove(hook)
+        attached = self._attached
+        if attached is not None and not (self._fwd or self._bwd):
+            attached.remove()
+            self.__dict__["_attached"] = None
+            if type(attached) is TorchHook:  # one PyTorch hook: kept to be restored
+                self.__dict__["_spare"] = attached
+            owner = self.owner
+            if owner is not None:
+                owner.attached_points -= 1
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        owner = _RUNNING.get()
+        owner, scopes = _CONTEXT.get()
         if owner is not None and owner is not self.owner:
             return x  # another bridge's forward over the same HF model
-        scopes = _SCOPES.get()
         for hook in self._fwd[:]:
             if hook.scope is not None and hook.scope not in scopes:
                 continue  # a scoped hook of another thread or call
@@ -541,12 +592,6 @@ class Owner:
         self.attached_points = 0
 
 
-def _count(owner: Owner | None, change: int) -> None:
-    """Keep the owner's count of points with a tap attached."""
-    if owner is not None:
-        owner.attached_points += change
-
-
 def _grad_hook(fn: HookFn, point: HookPoint) -> Callable[[torch.Tensor], torch.Tensor | None]:
     def on_grad(grad: torch.Tensor) -> torch.Tensor | None:
         result = fn(grad, hook=point)
@@ -571,7 +616,9 @@ __all__ = [
     "Owner",
     "Tap",
     "changed_since",
+    "discard_all",
     "first_tensor",
+    "insert_all",
     "is_tap",
     "mark_tap",
     "replace_first",

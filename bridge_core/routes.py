@@ -59,10 +59,10 @@ class Runs(Generic[K]):
         return iter(list(self._by))
 
     def __getitem__(self, key: K) -> Run:
-        runs = list(self._by[key])
+        runs = self._by[key]
         if len(runs) == 1:
             return runs[0]
-        return functools.partial(_chain, runs)
+        return functools.partial(_chain, list(runs))
 
     def get(self, key: K) -> Run | None:
         """The runs under `key` as one, or None."""

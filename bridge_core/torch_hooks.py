@@ -3,8 +3,9 @@
 Taps attach and remove their hooks on every hooked call, hundreds per forward, so they write
 to a module's hook tables directly (`forward_hook`, `forward_pre_hook`: what
 ``register_forward_hook`` / ``register_forward_pre_hook`` do, without a handle of weak
-references each time), under keys PyTorch never uses. Every such hook is marked
-(`mark_tap`), so that a copy of a hooked model can drop them (`strip_taps`).
+references each time), under keys PyTorch never uses (negative ones). A tap that registers a
+hook through PyTorch's own methods marks its function (`mark_tap`). Either way a copy of a
+hooked model can tell the taps' hooks from others and drop them (`strip_taps`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def is_tap(function: object) -> bool:
 
 
 def strip_taps(model: nn.Module) -> None:
-    """Remove the PyTorch hooks of bridge taps from `model`'s modules (in a copy of a model)."""
+    """Remove the PyTorch hooks of bridge taps from `model`'s modules (in a copy of a model):
+    those under our keys, and those marked with `mark_tap`."""
     for module in model.modules():
         tables = (
             (module._forward_hooks, (module._forward_hooks_with_kwargs,
@@ -37,13 +39,19 @@ def strip_taps(model: nn.Module) -> None:
             (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
         )  # fmt: skip
         for hooks, flags in tables:
-            for key in [k for k, fn in hooks.items() if is_tap(fn)]:
+            for key in [k for k, fn in hooks.items() if _ours(k) or is_tap(fn)]:
                 del hooks[key]
                 for flag in flags:
                     flag.pop(key, None)
 
 
 _KEYS = itertools.count(-1, -1)  # PyTorch numbers its own hooks from 0 up: ours never collide
+# (nor does ``strip_taps`` mistake one of PyTorch's for ours)
+
+
+def _ours(key: object) -> bool:
+    """Whether a hook table's `key` is one `forward_hook` / `forward_pre_hook` gave."""
+    return isinstance(key, int) and key < 0
 
 
 @dataclass(eq=False, slots=True)
@@ -52,6 +60,8 @@ class TorchHook:
 
     hooks: dict[int, Any]
     key: int
+    fn: Callable[..., Any]
+    prepend: bool
     flags: dict[int, bool] | None = None
 
     def remove(self) -> None:
@@ -60,10 +70,19 @@ class TorchHook:
         if self.flags is not None:
             self.flags.pop(self.key, None)
 
+    def restore(self) -> None:
+        """Register the hook again after `remove`, as it was registered: a hook point whose
+        tap hands out a `TorchHook` re-attaches it so on its next hooked call."""
+        self.hooks[self.key] = self.fn
+        if self.prepend:
+            self.hooks.move_to_end(self.key, last=False)  # type: ignore[attr-defined]
+        if self.flags is not None:
+            self.flags[self.key] = True
+
 
 def forward_hook(module: nn.Module, fn: Callable[..., Any], prepend: bool = True) -> TorchHook:
-    """Register `fn` as a forward hook of `module` (first, unless not `prepend`), marked as a
-    tap's (`mark_tap`).
+    """Register `fn` as a forward hook of `module` (first, unless not `prepend`), under a key
+    that marks it as a tap's.
 
     What ``register_forward_hook(fn, prepend=prepend)`` does, without the handle's weak
     references: taps are attached and removed on every hooked call, hundreds per forward.
@@ -75,7 +94,8 @@ def forward_pre_hook(
     module: nn.Module, fn: Callable[..., Any], with_kwargs: bool = True, prepend: bool = True
 ) -> TorchHook:
     """Register `fn` as a forward pre-hook of `module` (called with the keyword arguments
-    unless not `with_kwargs`; first unless not `prepend`), marked as a tap's."""
+    unless not `with_kwargs`; first unless not `prepend`), under a key that marks it as a
+    tap's."""
     hook = _register(module._forward_pre_hooks, fn, prepend)
     if with_kwargs:
         hook.flags = module._forward_pre_hooks_with_kwargs
@@ -85,10 +105,10 @@ def forward_pre_hook(
 
 def _register(hooks: Any, fn: Callable[..., Any], prepend: bool) -> TorchHook:
     key = next(_KEYS)
-    hooks[key] = mark_tap(fn)
+    hooks[key] = fn
     if prepend:
         hooks.move_to_end(key, last=False)  # an OrderedDict (typed as a dict in torch)
-    return TorchHook(hooks, key)
+    return TorchHook(hooks, key, fn, prepend)
 
 
 __all__ = ["TorchHook", "forward_hook", "forward_pre_hook", "is_tap", "mark_tap", "strip_taps"]

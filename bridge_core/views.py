@@ -10,6 +10,7 @@ part is an in-place edit of the tensor, and no copy is made while hooks only rea
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -173,9 +174,14 @@ class ViewTap:
     inner: Tap
     steps: tuple[Step, ...]
 
+    @functools.cached_property
+    def _may_copy(self) -> bool:
+        """Whether a step's part may be a copy rather than a view of the whole."""
+        return not all(isinstance(step, _VIEWING) for step in self.steps)
+
     def attach(self, run: Run) -> Handle:
         steps = self.steps
-        may_copy = not all(isinstance(step, _VIEWING) for step in steps)
+        may_copy = self._may_copy
 
         def run_view(x: torch.Tensor) -> torch.Tensor:
             chain = [x]
@@ -197,7 +203,7 @@ class ViewTap:
         except BaseException:
             _Handles(tuple(recorders)).remove()
             raise
-        return _Handles((*recorders, inner))
+        return _Handles((*recorders, inner)) if recorders else inner
 
 
 # steps whose part is always a view of the whole (narrow, unflatten, select, transpose)

@@ -277,3 +277,38 @@ def test_bad_inputs_are_our_errors(gpt2_bridge: TransformerBridge, ids: torch.Te
     with pytest.raises(InputError, match="'fwd' or 'bwd'"):
         gpt2_bridge.add_hook("hook_embed", zero, dir="backward")  # type: ignore[arg-type]  # bad on purpose
     assert no_hooks(gpt2_bridge)
+
+
+def test_a_point_hooked_again_runs_once_and_first_and_leaves_nothing_between_calls(
+    gpt2_bridge: TransformerBridge, ids: torch.Tensor
+) -> None:
+    """A point's tap registers its PyTorch hook again on each hooked call (the one it
+    removed, restored): it runs once, before the hooks the module has of its own, with the
+    keywords a pre-hook takes, and nothing of it stays on the module between calls."""
+    block = gpt2_bridge.original_model.transformer.h[0]
+    tables = (block._forward_pre_hooks, block._forward_pre_hooks_with_kwargs)
+    tables += (block.mlp._forward_hooks,)
+    before = [dict(table) for table in tables]
+    seen: list[str] = []
+    own = [
+        block.register_forward_pre_hook(lambda module, args: seen.append("block's own")),
+        block.mlp.register_forward_hook(lambda module, args, out: seen.append("mlp's own")),
+    ]
+    with_own = [dict(table) for table in tables]
+
+    def saw(tensor: torch.Tensor, hook: HookPoint) -> None:
+        seen.append(hook.name)
+
+    try:
+        for _ in range(3):
+            seen.clear()
+            with torch.no_grad():
+                gpt2_bridge.run_with_hooks(
+                    ids, fwd_hooks=[("blocks.0.hook_in", saw), ("blocks.0.mlp.hook_out", saw)]
+                )
+            assert seen == ["blocks.0.hook_in", "block's own", "blocks.0.mlp.hook_out", "mlp's own"]
+            assert [dict(table) for table in tables] == with_own
+    finally:
+        for handle in own:
+            handle.remove()
+    assert [dict(table) for table in tables] == before
