@@ -205,7 +205,7 @@ class HookedRoot(nn.Module):
                 directions: tuple[tuple[OneWay, Sequence[tuple[HookPoint, HookFn]]], ...]
                 directions = (("fwd", fwd), ("bwd", bwd))
                 for direction, pairs in directions:
-                    insert_all(_hooks(pairs, direction, scope, level), added)
+                    insert_all(pairs, direction, scope, level, added)
                 yield
             finally:
                 state["context_level"] = self.context_level - 1
@@ -415,19 +415,6 @@ class HookedRoot(nn.Module):
             )
         state: dict[str, Any] = dict(self.__dict__)
         return state
-
-
-def _hooks(
-    pairs: Sequence[tuple[HookPoint, HookFn]], direction: OneWay, scope: object, level: int
-) -> Iterator[tuple[HookPoint, Hook, OneWay]]:
-    """(point, its `Hook`, direction) for each pair; consecutive pairs with one function
-    (a cache's saver, a filter's hook) share one Hook."""
-    fn: HookFn | None = None
-    hook: Hook | None = None
-    for point, function in pairs:
-        if function is not fn or hook is None:
-            fn, hook = function, Hook(function, False, scope, level)
-        yield point, hook, direction
 
 
 def _slice_positions(value: torch.Tensor, name: str, pos_slice: slices.SliceInput) -> torch.Tensor:

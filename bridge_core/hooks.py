@@ -98,16 +98,24 @@ check-then-act, and any thread may add hooks). One lock for every point: `insert
 
 
 def insert_all(
-    entries: Iterable[tuple[HookPoint, Hook, Direction]],
+    pairs: Iterable[tuple[HookPoint, HookFn]],
+    direction: Direction,
+    scope: object | None,
+    level: int | None,
     added: list[tuple[HookPoint, Hook, Direction]],
 ) -> None:
-    """Insert each (point, hook, direction) of `entries` in order (`HookPoint.insert`),
-    appending it to `added` once inserted, so that after an error the caller can discard
-    exactly those (`discard_all`)."""
+    """Add each (point, fn) of `pairs` in order as a temporary hook in `scope` at `level`
+    (`HookPoint.insert`; consecutive pairs of one function share one `Hook`), appending
+    (point, hook, direction) to `added` once it is in, so that after an error the caller can
+    discard exactly those (`discard_all`)."""
+    fn: HookFn | None = None
+    hook: Hook | None = None
     with _ATTACHING:
-        for entry in entries:
-            entry[0]._insert(entry[1], entry[2])
-            added.append(entry)
+        for point, function in pairs:
+            if function is not fn or hook is None:
+                fn, hook = function, Hook(function, False, scope, level)
+            point._insert(hook, direction)
+            added.append((point, hook, direction))
 
 
 def discard_all(added: list[tuple[HookPoint, Hook, Direction]]) -> None:

@@ -48,11 +48,9 @@ class Recorder:
         the point's calls.
         """
         suffix = "_grad" if grad else ""
-        by_point: dict[str, list[_Saved]] = {}
-        for point in points:
-            key = point.name + suffix
-            self._points[key] = point
-            by_point[point.name] = self._saved.setdefault(key, [])
+        by_point: dict[str, list[_Saved]] = {point.name: [] for point in points}
+        self._points.update({point.name + suffix: point for point in points})
+        self._saved.update({name + suffix: calls for name, calls in by_point.items()})
         if self.device is not None or self.remove_batch_dim:
 
             def save(tensor: torch.Tensor, hook: HookPoint) -> None:
