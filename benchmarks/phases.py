@@ -66,7 +66,7 @@ def variants(bridge: TransformerBridge, case: models.Case) -> dict[str, timing.V
     }
     for kind in sorted(_kinds(bridge)):
         runs[f"run_with_hooks, every {kind}"] = _hooked(bridge, inputs, kind)
-    runs[HOOKS_ALONE] = _hooks_alone(model, tapped(bridge), inputs)
+    runs[HOOKS_ALONE] = hooks_alone(model, tapped(bridge), inputs)
     if model.config._attn_implementation == "eager":
         runs[HF_OUTPUTS] = lambda: model(
             **inputs, output_hidden_states=True, output_attentions=True
@@ -90,7 +90,7 @@ def tapped(bridge: TransformerBridge) -> list[tuple[nn.Module, int, int]]:
     ]
 
 
-def _hooks_alone(
+def hooks_alone(
     model: nn.Module, hooked: list[tuple[nn.Module, int, int]], inputs: dict[str, Any]
 ) -> timing.Variant:
     """The HF forward with `hooked`'s PyTorch hooks, each doing nothing, registered and

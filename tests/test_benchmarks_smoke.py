@@ -50,3 +50,24 @@ def test_phases_script_runs_and_reports_every_kind_of_point(
         "run_with_cache, every point, over the HF forward: ",
     ):
         assert row in table, table
+
+
+def test_instruction_count_workers_run_every_variant_and_the_summary_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `python -m benchmarks.instructions` runs under valgrind, without valgrind (not
+    installed in CI): each variant's worker, and the reading of cachegrind's summary."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import instructions, models
+
+    with models.quiet_transformers():
+        case = models.build("tiny", tmp_path)
+    threads = torch.get_num_threads()
+    for variant in instructions.VARIANTS:
+        instructions.worker(case.directory, "eager", variant, 1)
+    assert torch.get_num_threads() == threads
+    assert instructions.refs("==12== \n==12== I   refs:      9,120,182,207\n") == 9120182207
+    with pytest.raises(RuntimeError, match="no instruction count"):
+        instructions.refs("valgrind: command not found")
+    table = instructions.table({"hf_outputs": 2e6, "run_with_cache": 3e6})
+    assert "| run_with_cache | 3.00 M | 1.500x |" in table
