@@ -1,8 +1,8 @@
 """Recording activations for a cache: every call kept, and nothing changed after it is kept.
 
 A `Recorder` hands out the saving hook of a call's hook points. A saved tensor is the live
-activation (detached), not a copy, unless the model is known to change that tensor in place later in
-the forward (HF adds to residuals in place in some models: Falcon's ``mlp_output +=
+activation (detached), not a copy, unless the model is known to change that tensor in place
+later in the forward (HF adds to residuals in place in some models: Falcon's ``mlp_output +=
 attention_output``), in which case it is copied when saved. What is known comes from the
 tensors' version counters: the first time a point is cached, its tensor is copied and the
 original's version is compared after the forward; the answer is kept on the hook point
