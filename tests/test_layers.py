@@ -27,7 +27,7 @@ LAYERS = [
     _layer("errors/config/spec", "errors config expr spec"),
     _layer(
         "hooks/cache/tokens",
-        "module_state torch_hooks hooks routes naming recording views switches compiling "
+        "module_state torch_hooks taps hooks routes naming recording views switches compiling "
         "eager_kernel attention normalization tokens text slices stacks cache cache_analysis "
         "layout heatmap data shards "
         "factored weights forward_options hooked_root saes",
