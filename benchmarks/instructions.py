@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from benchmarks import models, phases
-from bridge_core import HookPoint, TransformerBridge
+from bridge_core import TransformerBridge
 
 VARIANTS = (
     "hf_outputs",
@@ -50,14 +50,10 @@ ENV = {"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1
 _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 
-def noop(tensor: torch.Tensor, hook: HookPoint) -> None:
-    """A hook that only reads."""
-
-
 def calls(case: models.Case, bridge: TransformerBridge) -> dict[str, Callable[[], Any]]:
     """Each variant, as a call (see `benchmarks.phases`; ``hf_outputs`` needs eager attention)."""
     model, inputs = case.model, case.inputs
-    every = [(lambda name: True, noop)]
+    every = [(lambda name: True, phases.noop)]
     one = f"blocks.{case.layer}.hook_resid_post"
 
     def attach_remove() -> None:
@@ -69,7 +65,7 @@ def calls(case: models.Case, bridge: TransformerBridge) -> dict[str, Callable[[]
         "hf_forward": lambda: model(**inputs),
         "bridge_forward": lambda: bridge(**inputs),
         "run_with_hooks_one_point": lambda: bridge.run_with_hooks(
-            **inputs, fwd_hooks=[(one, noop)]
+            **inputs, fwd_hooks=[(one, phases.noop)]
         ),
         "run_with_cache_one_point": lambda: bridge.run_with_cache(**inputs, names_filter=one),
         "run_with_cache": lambda: bridge.run_with_cache(**inputs),

@@ -350,7 +350,7 @@ class HookPoint(nn.Module):
         if self._attached is None:  # attach first: if the tap refuses, nothing is left
             spare = self._spare
             if spare is not None:  # what the tap registered last time, as it was
-                spare.restore()
+                spare.register()
                 self.__dict__["_attached"] = spare
             else:
                 self.__dict__["_attached"] = self._tap.attach(self._run)

@@ -70,9 +70,10 @@ class TorchHook:
         if self.flags is not None:
             self.flags.pop(self.key, None)
 
-    def restore(self) -> None:
-        """Register the hook again after `remove`, as it was registered: a hook point whose
-        tap hands out a `TorchHook` re-attaches it so on its next hooked call."""
+    def register(self) -> None:
+        """Put the hook in its table (first, if `prepend`): when made, and again after
+        `remove` (a hook point whose tap handed out a `TorchHook` re-registers it so on its
+        next hooked call)."""
         self.hooks[self.key] = self.fn
         if self.prepend:
             self.hooks.move_to_end(self.key, last=False)  # type: ignore[attr-defined]
@@ -87,7 +88,7 @@ def forward_hook(module: nn.Module, fn: Callable[..., Any], prepend: bool = True
     What ``register_forward_hook(fn, prepend=prepend)`` does, without the handle's weak
     references: taps are attached and removed on every hooked call, hundreds per forward.
     """
-    return _register(module._forward_hooks, fn, prepend)
+    return _registered(TorchHook(module._forward_hooks, next(_KEYS), fn, prepend))
 
 
 def forward_pre_hook(
@@ -96,19 +97,14 @@ def forward_pre_hook(
     """Register `fn` as a forward pre-hook of `module` (called with the keyword arguments
     unless not `with_kwargs`; first unless not `prepend`), under a key that marks it as a
     tap's."""
-    hook = _register(module._forward_pre_hooks, fn, prepend)
-    if with_kwargs:
-        hook.flags = module._forward_pre_hooks_with_kwargs
-        hook.flags[hook.key] = True
+    flags = module._forward_pre_hooks_with_kwargs if with_kwargs else None
+    hooks = module._forward_pre_hooks
+    return _registered(TorchHook(hooks, next(_KEYS), fn, prepend, flags))
+
+
+def _registered(hook: TorchHook) -> TorchHook:
+    hook.register()
     return hook
-
-
-def _register(hooks: Any, fn: Callable[..., Any], prepend: bool) -> TorchHook:
-    key = next(_KEYS)
-    hooks[key] = fn
-    if prepend:
-        hooks.move_to_end(key, last=False)  # an OrderedDict (typed as a dict in torch)
-    return TorchHook(hooks, key, fn, prepend)
 
 
 __all__ = ["TorchHook", "forward_hook", "forward_pre_hook", "is_tap", "mark_tap", "strip_taps"]
