@@ -44,7 +44,12 @@ VARIANTS = (
     "run_with_hooks_every_point",
     "attach_remove_every_point",
     "hooks_alone",
+    "from_pretrained",
+    "boot",
+    "wrap",
 )
+LOADING = {"boot": "from_pretrained", "wrap": "from_pretrained"}
+"""Loading variants, with the variant their ratio is over (the calls' is HF's outputs)."""
 WARM_UP = 3
 ENV = {"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
@@ -72,6 +77,11 @@ def calls(case: models.Case, bridge: TransformerBridge) -> dict[str, Callable[[]
         "run_with_hooks_every_point": lambda: bridge.run_with_hooks(**inputs, fwd_hooks=every),
         "attach_remove_every_point": attach_remove,
         "hooks_alone": phases.hooks_alone(model, phases.tapped(bridge), inputs),
+        "from_pretrained": lambda: case.model_class.from_pretrained(case.directory),
+        "boot": lambda: TransformerBridge.boot(case.directory),
+        "wrap": lambda: TransformerBridge.wrap(
+            model, tokenizer=case.tokenizer, processor=case.processor
+        ),
     }
 
 
@@ -141,12 +151,14 @@ def count(directory: Path, attn: str, variant: str, extra: int) -> float:
 
 
 def table(counts: dict[str, float]) -> str:
-    """Markdown: instructions per call, and over the baseline (HF's outputs, else its forward)."""
-    base_name = "hf_outputs" if "hf_outputs" in counts else "hf_forward"
-    base = counts.get(base_name)
-    lines = [f"| variant | instructions per call | over {base_name} |", "| --- | --- | --- |"]
+    """Markdown: instructions per call, and over the baseline: HF's outputs (else its
+    forward) for calls, `from_pretrained` for `boot`."""
+    calls_base = "hf_outputs" if "hf_outputs" in counts else "hf_forward"
+    lines = ["| variant | instructions per call | over |", "| --- | --- | --- |"]
     for name, value in counts.items():
-        over = f"{value / base:.3f}x" if base else ""
+        base_name = LOADING.get(name, calls_base)
+        base = counts.get(base_name) if base_name != name else None
+        over = f"{value / base:.3f}x {base_name}" if base else ""
         lines.append(f"| {name} | {value / 1e6:.2f} M | {over} |")
     return "\n".join(lines)
 

@@ -9,7 +9,12 @@ with ``--attn eager``, the forward that returns hidden states and attentions (th
 caching everything in `python -m benchmarks`); and the forward with the PyTorch hooks that
 the taps of every point register, each doing nothing, registered and removed per call as the
 taps do. That is the floor of any hook point that observes an unchanged HF module: what
-caching everything costs before a tap computes, runs or keeps anything. Everything is timed
+caching everything costs before a tap computes, runs or keeps anything. With ``--attn eager``
+a third row is the floor of keeping: HF's outputs call, then fresh memory written for each
+tensor that a cache of everything keeps beyond HF's outputs (matched by size), kept to the
+end of the call. A cache's tensors are new memory on every call, where HF's forward reuses
+what it freed a layer before; this row costs that (page faults, cold cache lines) without
+any hook. Everything is timed
 interleaved (`benchmarks.timing`), one torch thread, the CPU clock, under ``torch.no_grad()``.
 ``--attn eager`` loads the saved model with eager attention, whose kernel computes the
 patterns that the hooks then see (with sdpa, the bridge computes them beside the kernel).
@@ -21,6 +26,7 @@ import argparse
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,7 @@ from bridge_core.torch_hooks import TorchHook, forward_hook, forward_pre_hook
 
 HOOKS_ALONE = "HF forward + the taps' PyTorch hooks, no-op"
 HF_OUTPUTS = "HF forward, hidden states and attentions"
+KEEPING = "HF outputs + the cache's other tensors written"
 
 
 def noop(tensor: torch.Tensor, hook: HookPoint) -> None:
@@ -71,7 +78,44 @@ def variants(bridge: TransformerBridge, case: models.Case) -> dict[str, timing.V
         runs[HF_OUTPUTS] = lambda: model(
             **inputs, output_hidden_states=True, output_attentions=True
         )
+        runs[KEEPING] = keeping(model, inputs, kept_beyond_outputs(bridge, model, inputs))
     return runs
+
+
+def kept_beyond_outputs(
+    bridge: TransformerBridge, model: nn.Module, inputs: dict[str, Any]
+) -> list[int]:
+    """The sizes in bytes of the storages that a cache of every point keeps and HF's outputs
+    (hidden states and attentions) do not, in the cache's order, as on every call after the
+    first: each storage of the outputs takes away one of the cache's of its size."""
+    for _ in range(2):  # a point's first cache copies, until it knows whether it must
+        _, cache = bridge.run_with_cache(**inputs)
+    outputs = model(**inputs, output_hidden_states=True, output_attentions=True)
+    left = Counter(_storage_sizes([*outputs.hidden_states, *outputs.attentions]))
+    kept = []
+    for size in _storage_sizes(cache.values()):
+        if left[size]:
+            left[size] -= 1
+        else:
+            kept.append(size)
+    return kept
+
+
+def _storage_sizes(tensors: Iterable[torch.Tensor]) -> list[int]:
+    """The size of each distinct storage behind `tensors` (views and aliases once), in order."""
+    sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return list(sizes.values())
+
+
+def keeping(model: nn.Module, inputs: dict[str, Any], sizes: list[int]) -> timing.Variant:
+    """HF's outputs call, then a fresh tensor of each of `sizes` written, all kept until the
+    call returns: the memory a cache keeps, without the hooks that fill it."""
+
+    def run() -> tuple[Any, list[torch.Tensor]]:
+        outputs = model(**inputs, output_hidden_states=True, output_attentions=True)
+        return outputs, [torch.empty(size, dtype=torch.uint8).fill_(1) for size in sizes]
+
+    return run
 
 
 def tapped(bridge: TransformerBridge) -> list[tuple[nn.Module, int, int]]:
@@ -128,8 +172,9 @@ def table(bridge: TransformerBridge, stats: dict[str, timing.Stats]) -> str:
     kind of point is over ``run_with_hooks`` of one point, so that the call's own cost is not
     spread over the kind's points. The row of the taps' PyTorch hooks alone counts PyTorch
     hooks, not points, and is over the HF forward. Below the table, the ratios of `python -m
-    benchmarks`: caching everything, and that floor, over HF's forward with hidden states and
-    attentions (with ``--attn eager``; else over the HF forward).
+    benchmarks`: caching everything and the floors (the taps' hooks; with ``--attn eager`` also
+    the keeping), over HF's forward with hidden states and attentions (with ``--attn eager``;
+    else over the HF forward).
     """
     kinds = _kinds(bridge)
     every = sum(kinds.values())
@@ -163,7 +208,9 @@ def table(bridge: TransformerBridge, stats: dict[str, timing.Stats]) -> str:
     baseline = stats[HF_OUTPUTS] if HF_OUTPUTS in stats else stats["HF forward"]
     label = HF_OUTPUTS if HF_OUTPUTS in stats else "HF forward"
     lines.append("")
-    for name in ("run_with_cache, every point", HOOKS_ALONE):
+    for name in ("run_with_cache, every point", HOOKS_ALONE, KEEPING):
+        if name not in stats:
+            continue
         ratio = stats[name].median / baseline.median
         lines.append(f"{name}, over the {label}: {ratio:.3f}x (medians)")
     return "\n".join(lines)

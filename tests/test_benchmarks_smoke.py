@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bridge_core import TransformerBridge
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,6 +54,39 @@ def test_phases_script_runs_and_reports_every_kind_of_point(
         assert row in table, table
 
 
+def test_phases_with_eager_attention_adds_hf_outputs_and_the_floor_of_keeping(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import phases
+
+    assert phases.main(["--model", "tiny", "--rounds", "1", "--attn", "eager"]) == 0
+    table = capsys.readouterr().out
+    over = "over the HF forward, hidden states and attentions: "
+    for row in (f"| {phases.HF_OUTPUTS} |", f"| {phases.KEEPING} |", f"{phases.KEEPING}, {over}"):
+        assert row in table, table
+
+
+def test_the_floor_of_keeping_writes_what_a_cache_keeps_beyond_hf_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import models, phases
+
+    case = models.load(models.build("tiny", tmp_path).directory, attn_implementation="eager")
+    bridge = TransformerBridge.wrap(case.model, tokenizer=case.tokenizer)
+    with torch.no_grad():
+        kept = phases.kept_beyond_outputs(bridge, case.model, case.inputs)
+        _, cache = bridge.run_with_cache(**case.inputs)
+        outputs = case.model(**case.inputs, output_hidden_states=True, output_attentions=True)
+        written = phases.keeping(case.model, case.inputs, kept)()[1]
+    cached = phases._storage_sizes(cache.values())
+    returned = phases._storage_sizes([*outputs.hidden_states, *outputs.attentions])
+    assert len(kept) == len(cached) - len(returned) > 0
+    assert sum(kept) == sum(cached) - sum(returned)
+    assert [t.numel() for t in written] == kept and all(bool((t == 1).all()) for t in written)
+
+
 def test_instruction_count_workers_run_every_variant_and_the_summary_is_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -69,5 +104,9 @@ def test_instruction_count_workers_run_every_variant_and_the_summary_is_read(
     assert instructions.refs("==12== \n==12== I   refs:      9,120,182,207\n") == 9120182207
     with pytest.raises(RuntimeError, match="no instruction count"):
         instructions.refs("valgrind: command not found")
-    table = instructions.table({"hf_outputs": 2e6, "run_with_cache": 3e6})
-    assert "| run_with_cache | 3.00 M | 1.500x |" in table
+    table = instructions.table(
+        {"hf_outputs": 2e6, "run_with_cache": 3e6, "from_pretrained": 40e6, "boot": 42e6}
+    )
+    assert "| hf_outputs | 2.00 M |  |" in table
+    assert "| run_with_cache | 3.00 M | 1.500x hf_outputs |" in table
+    assert "| boot | 42.00 M | 1.050x from_pretrained |" in table
