@@ -13,7 +13,7 @@ from torch import nn
 from bridge_core.components.base import GeneralizedComponent
 from bridge_core.config import TransformerBridgeConfig
 from bridge_core.errors import BridgeError, SpecError, did_you_mean
-from bridge_core.hooks import HookPoint, InputTap, OutputTap, Tap
+from bridge_core.hooks import HookPoint, InputTap, OutputTap, Owner, Tap
 from bridge_core.module_state import submodule
 from bridge_core.naming import HookNames
 from bridge_core.registry import Registry
@@ -331,47 +331,59 @@ def _walk_one(component: GeneralizedComponent) -> Iterator[GeneralizedComponent]
         yield from _walk_one(child)
 
 
-def collect_names(components: dict[str, Built], spec: AdapterSpec) -> HookNames:
-    """Name every bound hook point (in forward order) and register the aliases."""
+def collect_names(
+    components: dict[str, Built], spec: AdapterSpec, owner: Owner | None = None
+) -> HookNames:
+    """Name every bound hook point (in forward order), give it `owner`, and register the
+    aliases."""
     names = HookNames()
     order: list[GeneralizedComponent] = []  # every component, parents before children
     for entry in components.values():
         for component in entry if isinstance(entry, nn.ModuleList) else [entry]:
             if isinstance(component, GeneralizedComponent):
-                _name_points(component, names, order)
+                _name_points(component, names.points, owner, order)
+    points, aliases = names.points, names.aliases
     for component in order:
+        skipped = (*component.removed_aliases, *component.extra_hooks)  # the spec's own points
         for alias, target in component.hook_aliases.items():
-            if alias in component.removed_aliases:
-                continue
-            if alias in component.extra_hooks:  # the spec declared a hook point of that name
+            if alias in skipped:
                 continue
             full = f"{component.name}.{target}"
-            if full in names.points or full in names.aliases:
+            if full in points or full in aliases:
                 names.add_alias(f"{component.name}.{alias}", full)
     _add_spec_aliases(names, spec)
     return names
 
 
 def _name_points(
-    component: GeneralizedComponent, names: HookNames, order: list[GeneralizedComponent]
+    component: GeneralizedComponent,
+    points: dict[str, HookPoint],
+    owner: Owner | None,
+    order: list[GeneralizedComponent],
 ) -> None:
-    """hook_in, the internal and spec-declared hook points, the children's, then hook_out;
-    `order` gets the components, parents before their children."""
+    """hook_in, the internal and spec-declared hook points, the children's, then hook_out,
+    into `points` by full name; `order` gets the components, parents before their children."""
     order.append(component)
     own = component.own_hook_points()
-    for attr, point in own[:-1] if own and own[-1][0] == "hook_out" else own:
-        _add_point(names, component, attr, point)
+    split = len(own) - 1 if own and own[-1][0] == "hook_out" else len(own)
+    prefix = component.name + "."
+    _add_points(own[:split], prefix, owner, points)
     for child in component.components():
-        _name_points(child, names, order)
-    if own and own[-1][0] == "hook_out":
-        _add_point(names, component, *own[-1])
+        _name_points(child, points, owner, order)
+    _add_points(own[split:], prefix, owner, points)
 
 
-def _add_point(
-    names: HookNames, component: GeneralizedComponent, attr: str, point: HookPoint
+def _add_points(
+    own: list[tuple[str, HookPoint]],
+    prefix: str,
+    owner: Owner | None,
+    points: dict[str, HookPoint],
 ) -> None:
-    name = point.__dict__["name"] = f"{component.name}.{attr}"  # plain state, set directly
-    names.points[name] = point
+    for attr, point in own:
+        state = point.__dict__  # plain state, set directly (HookPoint.__setattr__)
+        name = state["name"] = prefix + attr
+        state["owner"] = owner
+        points[name] = point
 
 
 def _add_spec_aliases(names: HookNames, spec: AdapterSpec) -> None:

@@ -74,9 +74,7 @@ class TransformerBridge(HookedRoot, TextMixin, ModelWeights, SAEMixin, nn.Module
         built = Assembler(self.adapter, model, self.cfg, registry, reserved).build()
         self.original_model = model
         self._owner = Owner()  # what the points belong to: silent in other bridges' forwards
-        self._names: HookNames = collect_names(built, self.adapter)
-        for point in self._names.points.values():
-            point.__dict__["owner"] = self._owner  # plain state (HookPoint.__setattr__)
+        self._names: HookNames = collect_names(built, self.adapter, self._owner)
         for name, component in built.items():
             self.add_module(name, component)
 

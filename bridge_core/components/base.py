@@ -141,9 +141,12 @@ class GeneralizedComponent(nn.Module):
         self.hook_in.bind(InputTap(module, self.input_arg))
         self.hook_out.bind(OutputTap(module))
         self.bind(module)
+        modules = self._modules
         for attr, shape in self.hook_shapes.items():
-            point = self._point(attr)
-            if point is not None:
+            point = modules.get(attr)  # a point of its own, mostly: without `_point`'s call
+            if point is None:
+                point = self._point(attr)
+            if isinstance(point, HookPoint):
                 point.__dict__["shape"] = shape  # plain state (HookPoint.__setattr__)
 
     def bind(self, module: nn.Module) -> None:
@@ -155,9 +158,15 @@ class GeneralizedComponent(nn.Module):
 
     def own_hook_points(self) -> list[tuple[str, HookPoint]]:
         """This component's bound hook points (not its children's), ``hook_out`` last."""
-        names = ["hook_in", *self.internal_hooks, *self.extra_hooks, "hook_out"]
-        points = [(n, self._point(n)) for n in dict.fromkeys(names)]
-        return [(n, p) for n, p in points if p is not None and p._tap is not None]
+        modules = self._modules
+        found = []
+        for name in dict.fromkeys(("hook_in", *self.internal_hooks, *self.extra_hooks, "hook_out")):
+            point = modules.get(name)  # as in `set_original_component`
+            if point is None:
+                point = self._point(name)
+            if isinstance(point, HookPoint) and point._tap is not None:
+                found.append((name, point))
+        return found
 
     def _point(self, attr: str) -> HookPoint | None:
         """The hook point `attr` of this component, or None (a child's lookup, without
