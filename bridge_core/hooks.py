@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
 from bridge_core.errors import BridgeError, HookReturnError, InputError
-from bridge_core.module_state import init_lazy_module, lazy_containers, materialize
+from bridge_core.module_state import LazyModule, init_lazy_module, lazy_containers
 from bridge_core.taps import (
     Handle,
     InputTap,
@@ -223,7 +222,7 @@ class _HasHooks:
 
 # nn.Module's 15 containers and the point's own on first use: a wrap makes hundreds of points
 @lazy_containers(ctx=dict, _fwd=list, _bwd=list)
-class HookPoint(nn.Module):
+class HookPoint(LazyModule):
     """A named activation that hooks can read, replace, or take the gradient of.
 
     Hook functions have TransformerLens's signature ``fn(tensor, hook) -> tensor | None``;
@@ -265,18 +264,7 @@ class HookPoint(nn.Module):
         if name in _PLAIN_STATE:
             self.__dict__[name] = value
         else:
-            materialize(self)  # nn.Module.__setattr__ looks for its containers in __dict__
-            super().__setattr__(name, value)
-
-    def register_buffer(
-        self, name: str, tensor: torch.Tensor | None, persistent: bool = True
-    ) -> None:
-        materialize(self)  # nn.Module checks __dict__ for its containers here
-        super().register_buffer(name, tensor, persistent)
-
-    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
-        materialize(self)
-        super().register_parameter(name, param)
+            super().__setattr__(name, value)  # LazyModule's: with the containers made first
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

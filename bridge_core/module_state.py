@@ -2,21 +2,20 @@
 
 A wrap makes ~400 modules (a 12-layer GPT-2 has 322 hook points in 64 components), and
 ``nn.Module.__init__`` sets its 17 attributes one by one through ``super().__setattr__``:
-~3 µs each time, a third of the wrap. `init_module` gives a module the same state from a
-template that ``nn.Module.__init__`` itself filled once, so it follows the installed torch:
-its empty containers are made afresh (of the same type), its other values (``training``,
-None) are immutable and shared. Were the template ever anything else, or does a class ask
-``nn.Module.__init__`` to call ``super().__init__`` (``call_super_init``), the real
-``__init__`` runs. `add_child` registers a child on a module made that way, and `submodule`
-is ``get_submodule`` for the paths a wrap resolves (~150 for a 12-layer GPT-2).
-
-A hook point is a module that never holds a parameter, a buffer, a child or a PyTorch hook
-of its own in nearly every use, yet ``nn.Module`` gives each of them 15 empty containers
-(a 12-layer GPT-2 has 322 points: ~4,800 objects per wrap, a fifth of the wrap's time with
-the collections they trigger). `lazy_containers` makes a class whose instances get each
-container on its first read instead (`init_lazy_module`); nn.Module's own code reads them as
-attributes, except its ``__setattr__`` and ``register_*`` checks, which read ``__dict__``:
-such a class calls `materialize` before those (`HookPoint` does).
+~3 µs each time, a third of the wrap. Yet a hook point never holds a parameter, a buffer, a
+child or a PyTorch hook of its own in nearly every use, and a component only children: the
+15 empty containers ``nn.Module`` gives each (~6,000 objects per wrap of that GPT-2) are made
+for nothing, and trigger collections on top. `lazy_containers` makes a class whose instances
+get each container on its first read instead (`init_lazy_module` gives the rest of the state
+from a template that ``nn.Module.__init__`` itself filled once, so it follows the installed
+torch: its values, ``training`` or None, are immutable and shared; were the template ever
+anything else, or does a class ask ``nn.Module.__init__`` to call ``super().__init__``
+(``call_super_init``), the real ``__init__`` runs). nn.Module's own code reads the
+containers as attributes, except its ``__setattr__`` and ``register_*`` checks, which read
+``__dict__``: such a class derives from `LazyModule`, which calls `materialize` before those
+(`HookPoint` and `GeneralizedComponent` do). `add_child` registers a child on a module made
+that way, and `submodule` is ``get_submodule`` for the paths a wrap resolves (~150 for a
+12-layer GPT-2).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
@@ -47,19 +47,6 @@ _TEMPLATE = _template()
 _IMMUTABLE_STATE = (
     {k: v for k, v in _TEMPLATE[0].items() if k not in dict(_TEMPLATE[1])} if _TEMPLATE else {}
 )
-
-
-def init_module(module: nn.Module) -> None:
-    """What ``nn.Module.__init__(module)`` does (without its one-time API-usage log), for a
-    module whose class's ``__init__`` would call it with no arguments."""
-    if _TEMPLATE is None or type(module).call_super_init:
-        nn.Module.__init__(module)
-        return
-    state, containers = _TEMPLATE
-    fresh = state.copy()  # keeps nn.Module's attribute order
-    for name, make in containers:
-        fresh[name] = make()
-    module.__dict__.update(fresh)
 
 
 class _Lazy:
@@ -106,6 +93,26 @@ def materialize(module: nn.Module) -> None:
     if _TEMPLATE is not None:
         for name, _ in _TEMPLATE[1]:
             getattr(module, name)
+
+
+class LazyModule(nn.Module):
+    """A module of a `lazy_containers` class made with `init_lazy_module`: it makes its
+    containers (`materialize`) before the nn.Module code that looks for them in ``__dict__``
+    (``__setattr__``, ``register_buffer``, ``register_parameter``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        materialize(self)
+        super().__setattr__(name, value)
+
+    def register_buffer(
+        self, name: str, tensor: torch.Tensor | None, persistent: bool = True
+    ) -> None:
+        materialize(self)
+        super().register_buffer(name, tensor, persistent)
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        materialize(self)
+        super().register_parameter(name, param)
 
 
 def add_child(parent: nn.Module, name: str, child: nn.Module) -> None:

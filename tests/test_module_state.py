@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,7 +16,6 @@ from bridge_core import GeneralizedComponent, HookPoint, TransformerBridge
 from bridge_core.module_state import (
     add_child,
     init_lazy_module,
-    init_module,
     lazy_containers,
     submodule,
 )
@@ -25,17 +25,13 @@ def _module_state(module: nn.Module) -> dict[str, object]:
     return {k: v for k, v in vars(module).items() if k in vars(nn.Module())}
 
 
-def test_init_module_gives_the_state_of_nn_module_init() -> None:
-    plain, made = nn.Module(), nn.Module.__new__(nn.Module)
-    init_module(made)
-    assert list(vars(made)) == list(vars(plain))  # the same attributes, in torch's order
-    for name, value in vars(plain).items():
-        assert type(vars(made)[name]) is type(value) and vars(made)[name] == value, name
-
-
-def test_hook_points_get_the_containers_of_nn_module_on_first_read() -> None:
-    a, b = HookPoint(), HookPoint()
+@pytest.mark.parametrize("make", [HookPoint, lambda: GeneralizedComponent("embed")])
+def test_points_and_components_get_the_containers_of_nn_module_on_first_read(
+    make: Callable[[], nn.Module],
+) -> None:
+    a, b = make(), make()
     plain = _module_state(nn.Module())
+    vars(a).pop("_modules", None)  # a component's hook points are its children: made
     containers = {k for k, v in plain.items() if isinstance(v, dict | set | list)}
     assert containers and not containers & set(vars(a))  # none made yet
     assert {k: getattr(a, k) for k in plain} == plain  # each read gives nn.Module's value
@@ -44,7 +40,7 @@ def test_hook_points_get_the_containers_of_nn_module_on_first_read() -> None:
         assert getattr(a, name) is vars(a)[name]  # made once, then kept
         assert getattr(b, name) is not getattr(a, name), name
     b.register_forward_hook(lambda *args: None)
-    assert len(b._forward_hooks) == 1 and not a._forward_hooks and not HookPoint()._forward_hooks
+    assert len(b._forward_hooks) == 1 and not a._forward_hooks and not make()._forward_hooks
 
 
 def test_a_hook_point_takes_parameters_buffers_and_children() -> None:
@@ -58,6 +54,21 @@ def test_a_hook_point_takes_parameters_buffers_and_children() -> None:
     assert list(point.state_dict()) == ["weight", "scale", "extra.weight", "extra.bias"]
     assert dict(point.named_children()) == {"extra": point.extra}
     assert point(torch.ones(2)).tolist() == [1.0, 1.0]  # a module call reads its hook tables
+
+
+def test_a_component_takes_parameters_buffers_and_children() -> None:
+    component = GeneralizedComponent("embed")
+    component.register_buffer("scale", torch.zeros(2))
+    component.weight = nn.Parameter(torch.ones(2))
+    GeneralizedComponent("head").register_parameter("bias", None)
+    component.extra = nn.Linear(2, 2)
+    assert [n for n, _ in component.named_parameters()] == [
+        "weight",
+        "extra.weight",
+        "extra.bias",
+    ]
+    assert list(component.state_dict()) == ["weight", "scale", "extra.weight", "extra.bias"]
+    assert list(dict(component.named_children())) == ["hook_in", "hook_out", "extra"]
 
 
 def test_component_hook_points_are_registered_children() -> None:
@@ -127,6 +138,8 @@ def test_hooking_a_bridge_makes_no_module_containers_for_its_points(
     points = list(bridge.hook_dict.values())
     assert len(points) > 50
     assert not any(containers & set(vars(p)) for p in points)
+    components = [m for m in bridge.modules() if isinstance(m, GeneralizedComponent)]
+    assert not any(containers - {"_modules"} & set(vars(c)) for c in components)
     assert all(any(p is m for m in bridge.modules()) for p in points[:5])
     bridge.to("cpu")  # reads each module's parameters and buffers: now made, and empty
     assert all(not p._parameters and not p._buffers for p in points)

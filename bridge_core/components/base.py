@@ -11,7 +11,13 @@ from torch import nn
 
 from bridge_core import expr
 from bridge_core.hooks import HookPoint, InputTap, OutputTap
-from bridge_core.module_state import add_child, init_module, submodule
+from bridge_core.module_state import (
+    LazyModule,
+    add_child,
+    init_lazy_module,
+    lazy_containers,
+    submodule,
+)
 
 if TYPE_CHECKING:
     from bridge_core.layout import ImageLayout, LayoutRequest
@@ -28,7 +34,8 @@ _RESERVED: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDict
 """`GeneralizedComponent.reserved_names` of each kind, once per class."""
 
 
-class GeneralizedComponent(nn.Module):
+@lazy_containers()  # nn.Module's 15 containers on first use: a wrap makes dozens of components
+class GeneralizedComponent(LazyModule):
     """A bridge component: an HF submodule with ``hook_in`` and ``hook_out``.
 
     The HF module is kept as `original_component` (not registered as a child, so the bridge's
@@ -84,7 +91,8 @@ class GeneralizedComponent(nn.Module):
             submodules: child components (or `nn.ModuleList`s of them), by attribute name.
             options: per-kind options from the adapter spec.
         """
-        init_module(self)  # nn.Module.__init__ at a fraction of its cost: a wrap makes dozens
+        init_lazy_module(self)  # nn.Module.__init__ at a fraction of its cost (containers
+        # on first use; `__setattr__` and `register_*` make them before nn.Module's checks)
         # Plain values (never a module, parameter or tensor) and the new hook points skip
         # nn.Module.__setattr__'s checks, which find nothing to do on a module being built.
         plain = object.__setattr__
