@@ -13,14 +13,14 @@ anything else, or does a class ask ``nn.Module.__init__`` to call ``super().__in
 (``call_super_init``), the real ``__init__`` runs). nn.Module's own code reads the
 containers as attributes, except its ``__setattr__`` and ``register_*`` checks, which read
 ``__dict__``: such a class derives from `LazyModule`, which calls `materialize` before those
-(`HookPoint` and `GeneralizedComponent` do). `add_child` registers a child on a module made
-that way, and `submodule` is ``get_submodule`` for the paths a wrap resolves (~150 for a
+(`HookPoint` and `GeneralizedComponent` do). `add_children` registers children on a module
+made that way, and `submodule` is ``get_submodule`` for the paths a wrap resolves (~150 for a
 12-layer GPT-2).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -115,14 +115,16 @@ class LazyModule(nn.Module):
         super().register_parameter(name, param)
 
 
-def add_child(parent: nn.Module, name: str, child: nn.Module) -> None:
-    """``parent.<name> = child`` for a `parent` that has no attribute, parameter, buffer or
-    child of that name yet (a module being built): straight into its ``_modules``, unless
-    torch's global module registration hooks want to see it (then through ``__setattr__``)."""
+def add_children(parent: nn.Module, children: Mapping[str, nn.Module]) -> None:
+    """``parent.<name> = child`` for each of `children`, on a `parent` that has no attribute,
+    parameter, buffer or child of those names yet (a module being built): straight into its
+    ``_modules``, unless torch's global module registration hooks want to see them (then
+    through ``__setattr__``)."""
     if getattr(torch_module, "_global_module_registration_hooks", None) != {}:
-        setattr(parent, name, child)
+        for name, child in children.items():
+            setattr(parent, name, child)
         return
-    parent._modules[name] = child
+    parent._modules.update(children)
 
 
 def submodule(module: nn.Module, path: str) -> nn.Module:

@@ -14,7 +14,7 @@ from torch import nn
 
 from bridge_core import GeneralizedComponent, HookPoint, TransformerBridge
 from bridge_core.module_state import (
-    add_child,
+    add_children,
     init_lazy_module,
     lazy_containers,
     submodule,
@@ -92,10 +92,10 @@ def test_global_module_registration_hooks_see_the_hook_points() -> None:
     handle = torch.nn.modules.module.register_module_module_registration_hook(hook)
     try:
         GeneralizedComponent("embed")
-        add_child(nn.Module(), "extra", HookPoint())
+        add_children(nn.Module(), {"extra": HookPoint(), "more": HookPoint()})
     finally:
         handle.remove()
-    assert seen == ["hook_in", "hook_out", "extra"]
+    assert seen == ["hook_in", "hook_out", "extra", "more"]
 
 
 class _Shadowed(nn.Module):

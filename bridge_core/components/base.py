@@ -13,7 +13,7 @@ from bridge_core import expr
 from bridge_core.hooks import HookPoint, InputTap, OutputTap
 from bridge_core.module_state import (
     LazyModule,
-    add_child,
+    add_children,
     init_lazy_module,
     lazy_containers,
     submodule,
@@ -105,11 +105,12 @@ class GeneralizedComponent(LazyModule):
         plain(self, "original_component", None)
         plain(self, "removed_aliases", set())
         plain(self, "extra_hooks", [])
-        for hook_name in ("hook_in", "hook_out", *self.internal_hooks):
-            add_child(self, hook_name, HookPoint())
+        add_children(
+            self, {name: HookPoint() for name in ("hook_in", "hook_out", *self.internal_hooks)}
+        )
         for key, child in (submodules or {}).items():
             if _free(key, self) and isinstance(child, nn.Module):
-                add_child(self, key, child)  # what add_module checks holds: skip its ~2 µs
+                add_children(self, {key: child})  # what add_module checks holds: skip its ~2 µs
             else:
                 self.add_module(key, child)  # its own errors for names it refuses
 
