@@ -63,6 +63,22 @@ class _Route(Route[str]):
         super().release(module)
         SWITCH.off(module)
 
+    def restore(self, module: nn.Module) -> bool:
+        """The module's next first attach: switch its config again, look its own kernel up
+        again (its kernel name may have changed since), and put the hooks back."""
+        SWITCH.on(module)
+        try:
+            original = SWITCH.original(module)
+            kernel = _original_kernel(module, original)
+        except BaseException:
+            SWITCH.off(module)
+            raise
+        if not super().restore(module):
+            SWITCH.off(module)
+            return False
+        self.kernel, self.eager = kernel, original == "eager"
+        return True
+
 
 # attention module -> its route
 _ROUTES: Routes[_Route] = Routes()

@@ -5,7 +5,10 @@ experts, a norm's scale, a router's outputs) keeps, per HF module, a `Route`: th
 attached hook point (`Runs`, by key, each bridge's own) and the PyTorch hooks its first attach
 registered. `Routes` is the table of one kind of tap: the first attach of a module makes its
 route, the last detach releases it, so two bridges over one model never overwrite or silence
-each other, and nothing stays registered once nothing is hooked.
+each other, and nothing stays registered once nothing is hooked. A released route that can be
+put back as it was (`Route.restore`) stays in the table while its module lives, and the
+module's next first attach restores it instead of making it again: a cache of every point
+attaches and detaches every norm's and attention's route on each call.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
 
 from bridge_core.hooks import Handle, Run
+from bridge_core.torch_hooks import TorchHook
 
 K = TypeVar("K")
 
@@ -80,6 +84,9 @@ class Route(Generic[K]):
 
     runs: Runs[K] = field(default_factory=Runs)
     handles: tuple[Handle, ...] = ()
+    kept: ClassVar[bool] = True
+    """Whether a released route stays in its table for `restore`: not for a kind whose route
+    refers to its module (it would keep the module alive)."""
 
     def through(self, key: K, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` through every run attached under `key`."""
@@ -90,6 +97,16 @@ class Route(Generic[K]):
         kernel switch it back too)."""
         for handle in self.handles:
             handle.remove()
+
+    def restore(self, module: nn.Module) -> bool:
+        """Undo `release` for the module's next first attach: True when done, False when the
+        kind makes its route anew instead. By default the PyTorch hooks go back, where they
+        are all `TorchHook`s (first in their tables, as when made)."""
+        if not all(isinstance(handle, TorchHook) for handle in self.handles):
+            return False
+        for handle in self.handles:
+            handle.register()  # type: ignore[attr-defined]  # a TorchHook, checked above
+        return True
 
 
 R = TypeVar("R", bound=Route[Any])
@@ -107,29 +124,37 @@ class Routes(Generic[R]):
 
     def get(self, module: nn.Module) -> R | None:
         """The module's route while any of its taps is attached."""
+        route = self._entry(module)
+        return route if route is not None and route.runs else None
+
+    def _entry(self, module: nn.Module) -> R | None:
+        """The module's route, attached or released."""
         entry = self._by.get(id(module))
         return entry[1] if entry is not None and entry[0]() is module else None
 
     def attach(self, module: nn.Module, key: Any, run: Run, first: Callable[[], R]) -> Handle:
-        """Attach `run` under `key`; `first()` makes the route (checks, hooks, switches) when
-        the module has none, and if it raises, nothing is left behind."""
+        """Attach `run` under `key`. The module's first attach restores its released route,
+        or has `first()` make one (checks, hooks, switches); if that raises, nothing is left
+        behind."""
         with self._lock:
-            route = self.get(module)
-            if route is None:
+            route = self._entry(module)
+            if route is None or (not route.runs and not route.restore(module)):
                 route = first()
                 self._by[id(module)] = (weakref.ref(module, self._forget(id(module))), route)
             route.runs.add(key, run)
         return _Detach(self, module, key, run)
 
     def detach(self, module: nn.Module, key: Any, run: Run) -> None:
-        """Remove one attachment; the module's last releases its route."""
+        """Remove one attachment; the module's last releases its route (kept to be
+        restored, if its kind is `Route.kept`)."""
         with self._lock:
             route = self.get(module)
             if route is None:
                 return
             route.runs.discard(key, run)
             if not route.runs:
-                del self._by[id(module)]
+                if not route.kept:
+                    del self._by[id(module)]
                 route.release(module)
 
     def _forget(self, key: int) -> Callable[[weakref.ref[nn.Module]], None]:
@@ -144,7 +169,7 @@ class Routes(Generic[R]):
         return gone
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # made for every attach: plain slots, not frozen (set one by one)
 class _Detach:
     routes: Routes[Any]
     module: nn.Module

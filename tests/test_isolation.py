@@ -195,6 +195,45 @@ def test_a_dropped_bridge_is_freed_without_the_cycle_collector(
         gc.enable()
 
 
+@pytest.mark.parametrize("family", ["gpt2", "mixtral"])
+def test_a_model_whose_shared_taps_were_hooked_is_freed_once_dropped(family: str) -> None:
+    """Norm and attention routes outlive their hooks (to be restored on the next hooked call)
+    but never their module: a dropped model goes, with its entries."""
+    from bridge_adapters.families import FAMILIES
+    from bridge_core.verify import example_inputs
+
+    model, _ = FAMILIES[family]()
+    bridge = TransformerBridge.wrap(model)
+    with torch.no_grad():
+        bridge.run_with_cache(**example_inputs(bridge))  # every point: norms, patterns, experts
+    gone = [weakref.ref(module) for module in model.modules()]
+    del bridge, model
+    gc.collect()
+    assert not [ref() for ref in gone if ref() is not None]
+
+
+def test_a_pattern_hooked_again_after_its_kernel_changed_runs_the_new_kernel(
+    gpt2: tuple[Any, TransformerBridge],
+) -> None:
+    """The second hooked call restores the attention's route: it must look the kernel up
+    again. After a switch to eager, the hook sees the eager kernel's own pattern, and the
+    output is the eager model's, bit for bit."""
+    model, bridge = gpt2
+    ids = torch.tensor([[5, 9, 2, 7, 1, 8]])
+    name = "blocks.1.attn.hook_pattern"
+    with torch.no_grad():
+        _, before = bridge.run_with_cache(ids, names_filter=name)  # sdpa: beside the kernel
+        model.set_attn_implementation("eager")
+        try:
+            output, cache = bridge.run_with_cache(ids, names_filter=name)
+            hf = model(ids, output_attentions=True)
+        finally:
+            model.set_attn_implementation("sdpa")
+    assert torch.equal(output, hf.logits)
+    assert torch.equal(cache[name], hf.attentions[1])
+    torch.testing.assert_close(before[name], cache[name])
+
+
 @pytest.mark.parametrize(
     ("family", "name"),
     [

@@ -23,7 +23,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, cast
+from typing import ClassVar, Literal, cast
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ class _Route(Route[tuple[int, Which]]):
     """The hook runs of one hooked experts module, by (expert, activation)."""
 
     called: bool = False
+    kept: ClassVar[bool] = False  # its hooks' check refers to the experts module
 
     def release(self, module: nn.Module) -> None:
         """The module's last: its config goes back to its own implementation."""
