@@ -12,9 +12,10 @@ taps do. That is the floor of any hook point that observes an unchanged HF modul
 caching everything costs before a tap computes, runs or keeps anything. With ``--attn eager``
 a third row is the floor of keeping: HF's outputs call, then fresh memory written for each
 tensor that a cache of everything keeps beyond HF's outputs (matched by size), kept to the
-end of the call. A cache's tensors are new memory on every call, where HF's forward reuses
-what it freed a layer before; this row costs that (page faults, cold cache lines) without
-any hook. Everything is timed
+end of the call; and beside it the same, each tensor dropped once written. A cache's tensors
+are new memory on every call, where HF's forward reuses what it freed a layer before; the
+two rows apart cost that (page faults, cold cache lines) without any hook or the calls that
+write them. Everything is timed
 interleaved (`benchmarks.timing`), one torch thread, the CPU clock, under ``torch.no_grad()``.
 ``--attn eager`` loads the saved model with eager attention, whose kernel computes the
 patterns that the hooks then see (with sdpa, the bridge computes them beside the kernel).
@@ -40,6 +41,7 @@ from bridge_core.torch_hooks import TorchHook, forward_hook, forward_pre_hook
 HOOKS_ALONE = "HF forward + the taps' PyTorch hooks, no-op"
 HF_OUTPUTS = "HF forward, hidden states and attentions"
 KEEPING = "HF outputs + the cache's other tensors written"
+DROPPING = "HF outputs + those tensors written, each dropped at once"
 
 
 def noop(tensor: torch.Tensor, hook: HookPoint) -> None:
@@ -78,7 +80,9 @@ def variants(bridge: TransformerBridge, case: models.Case) -> dict[str, timing.V
         runs[HF_OUTPUTS] = lambda: model(
             **inputs, output_hidden_states=True, output_attentions=True
         )
-        runs[KEEPING] = keeping(model, inputs, kept_beyond_outputs(bridge, model, inputs))
+        sizes = kept_beyond_outputs(bridge, model, inputs)
+        runs[KEEPING] = keeping(model, inputs, sizes)
+        runs[DROPPING] = keeping(model, inputs, sizes, keep=False)
     return runs
 
 
@@ -107,13 +111,22 @@ def _storage_sizes(tensors: Iterable[torch.Tensor]) -> list[int]:
     return list(sizes.values())
 
 
-def keeping(model: nn.Module, inputs: dict[str, Any], sizes: list[int]) -> timing.Variant:
+def keeping(
+    model: nn.Module, inputs: dict[str, Any], sizes: list[int], keep: bool = True
+) -> timing.Variant:
     """HF's outputs call, then a fresh tensor of each of `sizes` written, all kept until the
-    call returns: the memory a cache keeps, without the hooks that fill it."""
+    call returns: the memory a cache keeps, without the hooks that fill it. With `keep`
+    False each is dropped once written, so the next reuses its memory: the same calls
+    without the keeping, which the difference of the two rows is."""
 
     def run() -> tuple[Any, list[torch.Tensor]]:
         outputs = model(**inputs, output_hidden_states=True, output_attentions=True)
-        return outputs, [torch.empty(size, dtype=torch.uint8).fill_(1) for size in sizes]
+        kept = []
+        for size in sizes:
+            tensor = torch.empty(size, dtype=torch.uint8).fill_(1)
+            if keep:
+                kept.append(tensor)
+        return outputs, kept
 
     return run
 
@@ -208,11 +221,14 @@ def table(bridge: TransformerBridge, stats: dict[str, timing.Stats]) -> str:
     baseline = stats[HF_OUTPUTS] if HF_OUTPUTS in stats else stats["HF forward"]
     label = HF_OUTPUTS if HF_OUTPUTS in stats else "HF forward"
     lines.append("")
-    for name in ("run_with_cache, every point", HOOKS_ALONE, KEEPING):
+    for name in ("run_with_cache, every point", HOOKS_ALONE, KEEPING, DROPPING):
         if name not in stats:
             continue
         ratio = stats[name].median / baseline.median
         lines.append(f"{name}, over the {label}: {ratio:.3f}x (medians)")
+    if KEEPING in stats:
+        kept = (stats[KEEPING].median - stats[DROPPING].median) / baseline.median
+        lines.append(f"keeping the cache's other tensors (the two rows apart): +{kept:.3f}x")
     return "\n".join(lines)
 
 

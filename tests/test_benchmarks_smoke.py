@@ -63,7 +63,13 @@ def test_phases_with_eager_attention_adds_hf_outputs_and_the_floor_of_keeping(
     assert phases.main(["--model", "tiny", "--rounds", "1", "--attn", "eager"]) == 0
     table = capsys.readouterr().out
     over = "over the HF forward, hidden states and attentions: "
-    for row in (f"| {phases.HF_OUTPUTS} |", f"| {phases.KEEPING} |", f"{phases.KEEPING}, {over}"):
+    for row in (
+        f"| {phases.HF_OUTPUTS} |",
+        f"| {phases.KEEPING} |",
+        f"{phases.KEEPING}, {over}",
+        f"| {phases.DROPPING} |",
+        "keeping the cache's other tensors (the two rows apart): ",
+    ):
         assert row in table, table
 
 
@@ -80,6 +86,7 @@ def test_the_floor_of_keeping_writes_what_a_cache_keeps_beyond_hf_outputs(
         _, cache = bridge.run_with_cache(**case.inputs)
         outputs = case.model(**case.inputs, output_hidden_states=True, output_attentions=True)
         written = phases.keeping(case.model, case.inputs, kept)()[1]
+        assert phases.keeping(case.model, case.inputs, kept, keep=False)()[1] == []
     cached = phases._storage_sizes(cache.values())
     returned = phases._storage_sizes([*outputs.hidden_states, *outputs.attentions])
     assert len(kept) == len(cached) - len(returned) > 0
