@@ -4,18 +4,18 @@ A wrap makes ~400 modules (a 12-layer GPT-2 has 322 hook points in 64 components
 ``nn.Module.__init__`` sets its 17 attributes one by one through ``super().__setattr__``:
 ~3 µs each time, a third of the wrap. Yet a hook point never holds a parameter, a buffer, a
 child or a PyTorch hook of its own in nearly every use, and a component only children: the
-15 empty containers ``nn.Module`` gives each (~6,000 objects per wrap of that GPT-2) are made
-for nothing, and trigger collections on top. `lazy_containers` makes a class whose instances
-get each container on its first read instead (`init_lazy_module` gives the rest of the state
-from a template that ``nn.Module.__init__`` itself filled once, so it follows the installed
-torch: its values, ``training`` or None, are immutable and shared; were the template ever
-anything else, or does a class ask ``nn.Module.__init__`` to call ``super().__init__``
-(``call_super_init``), the real ``__init__`` runs). nn.Module's own code reads the
-containers as attributes, except its ``__setattr__`` and ``register_*`` checks, which read
-``__dict__``: such a class derives from `LazyModule`, which calls `materialize` before those
-(`HookPoint` and `GeneralizedComponent` do). `add_children` registers children on a module
-made that way, and `submodule` is ``get_submodule`` for the paths a wrap resolves (~150 for a
-12-layer GPT-2).
+15 empty containers ``nn.Module`` gives each (with a point's own, ~6,700 objects per wrap of
+that GPT-2) are made for nothing, and trigger collections on top. `lazy_containers` makes a
+class whose instances get each container on its first read instead (`init_lazy_module` gives
+the rest of the state from a template that ``nn.Module.__init__`` itself filled once, so it
+follows the installed torch: its values, ``training`` or None, are immutable and shared; were
+the template ever anything else, or does a class ask ``nn.Module.__init__`` to call
+``super().__init__`` (``call_super_init``), the real ``__init__`` runs). nn.Module's own
+code reads the containers as attributes, except its ``__setattr__`` and ``register_*``
+checks, which read ``__dict__``: such a class derives from `LazyModule`, which calls
+`materialize` before those (`HookPoint` and `GeneralizedComponent` do). `add_children`
+registers children on a module made that way, and `submodule` is ``get_submodule`` for the
+paths a wrap resolves (~150 for a 12-layer GPT-2).
 """
 
 from __future__ import annotations

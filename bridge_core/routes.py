@@ -102,10 +102,11 @@ class Route(Generic[K]):
         """Undo `release` for the module's next first attach: True when done, False when the
         kind makes its route anew instead. By default the PyTorch hooks go back, where they
         are all `TorchHook`s (first in their tables, as when made)."""
-        if not all(isinstance(handle, TorchHook) for handle in self.handles):
+        hooks = [handle for handle in self.handles if isinstance(handle, TorchHook)]
+        if len(hooks) != len(self.handles):
             return False
-        for handle in self.handles:
-            handle.register()  # type: ignore[attr-defined]  # a TorchHook, checked above
+        for hook in hooks:
+            hook.register()
         return True
 
 
@@ -169,7 +170,7 @@ class Routes(Generic[R]):
         return gone
 
 
-@dataclass(slots=True)  # made for every attach: plain slots, not frozen (set one by one)
+@dataclass(slots=True, eq=False)  # made for every attach: not frozen (set one by one)
 class _Detach:
     routes: Routes[Any]
     module: nn.Module
