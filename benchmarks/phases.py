@@ -10,9 +10,9 @@ caching everything in `python -m benchmarks`); and the forward with the PyTorch 
 the taps of every point register, each doing nothing, registered and removed per call as the
 taps do. That is the floor of any hook point that observes an unchanged HF module: what
 caching everything costs before a tap computes, runs or keeps anything. With ``--attn eager``
-a third row is the floor of keeping: HF's outputs call, then fresh memory written for each
-tensor that a cache of everything keeps beyond HF's outputs (matched by size), kept to the
-end of the call; and beside it the same, each tensor dropped once written. A cache's tensors
+two more rows give the floor of keeping: HF's outputs call, then fresh memory written for
+each tensor that a cache of everything keeps beyond HF's outputs (matched by size), kept to
+the end of the call; and the same with each tensor dropped once written. A cache's tensors
 are new memory on every call, where HF's forward reuses what it freed a layer before; the
 two rows apart cost that (page faults, cold cache lines) without any hook or the calls that
 write them. Everything is timed
@@ -116,8 +116,8 @@ def keeping(
 ) -> timing.Variant:
     """HF's outputs call, then a fresh tensor of each of `sizes` written, all kept until the
     call returns: the memory a cache keeps, without the hooks that fill it. With `keep`
-    False each is dropped once written, so the next reuses its memory: the same calls
-    without the keeping, which the difference of the two rows is."""
+    False each is dropped once written and the next reuses its memory: the same calls
+    without the keeping, so that the two rows apart cost the keeping alone."""
 
     def run() -> tuple[Any, list[torch.Tensor]]:
         outputs = model(**inputs, output_hidden_states=True, output_attentions=True)
