@@ -21,6 +21,15 @@ are pooled. The driver checks that the baselines agree across the libraries' pro
   of loading). A baseline outside them refuses that model's comparison: the table still shows
   each process's ratios, marked as not comparable, and the exit status is 1.
 
+Every worker runs with glibc told to keep the memory it frees (`MALLOC_ENV`). By default
+glibc returns a large freed block to the system, and raises the size above which it does so
+each time such a block is freed: after that, a process reuses its freed memory instead of
+taking fresh pages, which fault on first touch. When that happens depends on everything the
+process allocated before, so it differs between the libraries' processes. On the tiny LLaVA,
+whose eager outputs call allocates most, the same HF baseline measured 22 ms in one library's
+processes and 25 ms in another's, in every run, and the comparison was refused. With the
+settings all processes reuse freed memory from their first rounds on.
+
 The exit status is also 1 when a library's results are not HF's (see the worker's checks) or
 a worker failed; a library that cannot do an operation leaves a note instead.
 """
@@ -50,6 +59,14 @@ WORKER_ENV = {
     "PIP_NO_INDEX": "1",
     "UV_OFFLINE": "1",
     "WANDB_MODE": "disabled",
+}
+MALLOC_ENV = {
+    # glibc keeps what it frees, in every process alike (see the module docstring): no block
+    # below 1 GiB is mapped on its own, the heap is trimmed only beyond 4 GiB free, and it
+    # grows by 256 MiB at a time
+    "MALLOC_MMAP_THRESHOLD_": "1073741824",
+    "MALLOC_TRIM_THRESHOLD_": "4294967296",
+    "MALLOC_TOP_PAD_": "268435456",
 }
 LOAD_BASELINES = ("hf_from_pretrained",)
 
@@ -201,9 +218,9 @@ def run_worker(tool: str, directory: Path, settings: Settings, leg: int = 0) -> 
     command += ["--threads", str(settings.threads), "--clock", settings.clock]
     if settings.inner is not None:
         command += ["--inner", str(settings.inner)]
+    env = {**os.environ, **WORKER_ENV, **MALLOC_ENV}
     completed = subprocess.run(
-        command, cwd=ROOT, env={**os.environ, **WORKER_ENV}, capture_output=True, text=True,
-        check=False,
+        command, cwd=ROOT, env=env, capture_output=True, text=True, check=False
     )  # fmt: skip
     if completed.returncode != 0 or not out.exists():
         tail = completed.stderr.strip().splitlines()[-5:]
@@ -281,10 +298,14 @@ def agreement(workers: dict[str, dict[str, Any]], settings: Settings) -> dict[st
     }
     if len(set(versions.values())) > 1:
         found.append(f"the processes run different torch or transformers: {versions}")
+    mallocs = {tool: w["process"].get("malloc", {}) for tool, w in measured.items()}
+    if len({json.dumps(m, sort_keys=True) for m in mallocs.values()}) > 1:
+        found.append(f"the processes run with different glibc malloc settings: {mallocs}")
     return {
         "baselines": baselines,
         "hf_logits_sha256": digests,
         "versions": versions,
+        "malloc": mallocs,
         "problems": found,
         "ok": not found,
     }

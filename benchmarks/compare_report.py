@@ -211,17 +211,21 @@ def checks_table(result: Result) -> str:
 
 
 def process_table(result: Result) -> str:
-    """Each library's process: its Python, the library's version, torch and transformers."""
+    """Each library's process: its Python, the library's version, torch and transformers, and
+    glibc's malloc settings."""
     seen: dict[str, dict[str, Any]] = {}
     for entry in result["models"].values():
         for tool, worker in entry["workers"].items():
             if "process" in worker:
                 seen.setdefault(tool, worker)
-    lines = [row(["library", "version", "Python", "torch", "transformers"]), row(["---"] * 5)]
+    columns = ["library", "version", "Python", "torch", "transformers", "malloc"]
+    lines = [row(columns), row(["---"] * len(columns))]
     for tool, worker in seen.items():
         process = worker["process"]
+        malloc = " ".join(f"{k}={v}" for k, v in process.get("malloc", {}).items())
         lines.append(row([
             TOOLS[tool], worker.get("version", "n/a"), f"`{process['executable']}`",
             process["torch"], process["transformers"],
+            malloc or "glibc's defaults",
         ]))  # fmt: skip
     return "\n".join(lines)

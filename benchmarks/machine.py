@@ -19,7 +19,8 @@ def machine() -> dict[str, Any]:
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    info = {
+    malloc = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
+    info: dict[str, Any] = {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -28,10 +29,14 @@ def machine() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "os": f"{platform.system()} {platform.release()}",
         "load_average_start": os.getloadavg(),
+        # glibc's allocator settings: whether freed memory is kept changes per-call times
+        "malloc": malloc,
     }
     info["summary"] = (
         f"{info['cpu']}, {info['cores']} cores, {info['os']}; Python {info['python']}, "
         f"torch {info['torch']} ({info['torch_threads']} threads), transformers "
         f"{info['transformers']}"
     )
+    if malloc:
+        info["summary"] += "; " + " ".join(f"{k}={v}" for k, v in malloc.items())
     return info

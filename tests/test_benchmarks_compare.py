@@ -35,6 +35,7 @@ def test_the_bridge_worker_runs_end_to_end(
     assert result["problems"] == []
     worker = result["models"]["tiny"]["workers"]["bridge"]
     assert worker["process"]["torch_threads"] == 1
+    assert worker["process"]["malloc"] == compare.MALLOC_ENV  # freed memory kept, as in all
     assert all(outcome["ok"] for outcome in worker["checks"].values()), worker["checks"]
     assert worker["checks"]["forward_logits"]["bitwise"]
     assert worker["checks"]["cache_one_value"]["bitwise"]
@@ -69,6 +70,12 @@ def test_baselines_that_disagree_refuse_the_comparison(compare: Any) -> None:
 
     other_run = {"bridge": _worker(3.6e-3), "nnsight": _worker(3.6e-3, digest="4567")}
     assert "HF logits differ" in compare.agreement(other_run, settings)["problems"][0]
+
+    # a process started by hand, without the settings that keep freed memory
+    unlike = {"bridge": _worker(3.6e-3), "nnsight": _worker(3.6e-3)}
+    unlike["bridge"]["process"]["malloc"] = dict(compare.MALLOC_ENV)
+    (problem,) = compare.agreement(unlike, settings)["problems"]
+    assert problem.startswith("the processes run with different glibc malloc settings")
 
 
 def _leg(samples: list[float], diff: float) -> dict[str, Any]:
