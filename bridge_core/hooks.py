@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 
 from bridge_core.errors import BridgeError, HookReturnError, InputError
-from bridge_core.module_state import LazyModule, init_lazy_module, lazy_containers
+from bridge_core.module_state import LazyModule, init_lazy_module, lazy_containers, lazy_state
 from bridge_core.taps import (
     Handle,
     InputTap,
@@ -477,6 +477,22 @@ class HookPoint(LazyModule):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, fwd={len(self._fwd)}, bwd={len(self._bwd)}"
+
+
+def new_points(names: Iterable[str]) -> dict[str, HookPoint]:
+    """A fresh `HookPoint` for each of `names`, by name (a component's own points: hundreds
+    per wrap). ``HookPoint()`` is only `init_lazy_module`'s state, which this gives without
+    the two Python calls of ``__init__`` (`lazy_state`)."""
+    state = lazy_state(HookPoint)
+    if state is None:
+        return {name: HookPoint() for name in names}
+    new = object.__new__
+    points = {}
+    for name in names:
+        point = new(HookPoint)
+        point.__dict__.update(state)
+        points[name] = point
+    return points
 
 
 class Owner:

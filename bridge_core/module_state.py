@@ -87,6 +87,15 @@ def init_lazy_module(module: nn.Module) -> None:
     module.__dict__.update(_IMMUTABLE_STATE)
 
 
+def lazy_state(cls: type[nn.Module]) -> dict[str, Any] | None:
+    """The state `init_lazy_module` gives an instance of `cls`, or None where it runs
+    ``nn.Module.__init__`` instead: a class whose ``__init__`` does nothing else can make
+    instances as ``object.__new__(cls)`` with this state, without the two calls."""
+    if _TEMPLATE is None or cls.call_super_init:
+        return None
+    return _IMMUTABLE_STATE
+
+
 def materialize(module: nn.Module) -> None:
     """Give `module` every container it has not read yet (before nn.Module code that checks
     ``__dict__`` for them: ``__setattr__`` of a parameter, buffer or module, ``register_*``)."""

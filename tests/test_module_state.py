@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import pickle
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -81,6 +81,31 @@ def test_component_hook_points_are_registered_children() -> None:
     twin = copy.deepcopy(component)
     assert twin.hook_in is not component.hook_in and twin.hook_in.name == ""
     assert pickle.loads(pickle.dumps(component)).name == "embed"
+
+
+def test_a_components_own_points_read_as_attributes_follow_its_children() -> None:
+    class Kind(GeneralizedComponent):
+        internal_hooks = ("hook_mid",)
+        hook_aliases: ClassVar[dict[str, str]] = {"hook_middle": "hook_mid"}
+
+    component = Kind("blocks.0.kind")
+    assert component.hook_mid is dict(component.named_children())["hook_mid"]
+    assert component.hook_middle is component.hook_mid  # aliases resolve as before
+
+    replaced = HookPoint()
+    component.hook_mid = replaced  # nn.Module's __setattr__: a child again
+    assert component.hook_mid is replaced and component._modules["hook_mid"] is replaced
+    with pytest.raises(TypeError, match="hook_mid"):
+        component.hook_mid = 3  # type: ignore[assignment]  # as for any child module
+
+    del component.hook_mid
+    assert "hook_mid" not in dict(component.named_children())
+    with pytest.raises(AttributeError, match="hook_mid"):
+        _ = component.hook_mid
+    with pytest.raises(AttributeError, match="its target 'hook_mid' does not exist"):
+        _ = component.hook_middle
+    component.hook_mid = None  # a plain attribute now, as nn.Module has it
+    assert component.hook_mid is None
 
 
 def test_global_module_registration_hooks_see_the_hook_points() -> None:
