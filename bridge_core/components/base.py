@@ -173,7 +173,7 @@ class GeneralizedComponent(LazyModule):
     def set_original_component(self, module: nn.Module) -> None:
         """Attach this component to the HF module it bridges and bind its hook points."""
         object.__setattr__(self, "original_component", module)
-        self.hook_in.bind(InputTap(module, self.input_arg))  # read by `_OwnPoint`
+        self.hook_in.bind(InputTap(module, self.input_arg))
         self.hook_out.bind(OutputTap(module))
         self.bind(module)
         modules = self._modules
