@@ -210,7 +210,7 @@ def route_attention(
     output is computed from the edited pattern.
     """
     route = _ROUTES.get(module)
-    if route is None or not route.runs or route.kernel is None:
+    if route is None or route.kernel is None:  # `get` gives only attached routes
         return _original_kernel(module)(module, query, key, value, attention_mask, **kwargs)
     original = route.kernel
     route.called = True

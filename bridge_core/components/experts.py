@@ -200,7 +200,7 @@ def route_experts(
     """Per-expert hooks for hooked modules; the original implementation for the others."""
     original = _original_forward(module)
     route = _ROUTES.get(module)
-    if route is None or not route.runs:
+    if route is None:  # `get` gives only attached routes
         return original(module, hidden_states, top_k_index, top_k_weights)
     route.called = True
     hooked = _Hooked(module, hidden_states, top_k_index, top_k_weights)
